@@ -1,0 +1,144 @@
+"""The Gaussian conditional probability path ``x_t = alpha_t z + beta_t eps`` (course Section 3).
+
+Every parameterisation of what a network may predict is a linear combination of
+the data point ``z`` and the noise ``eps`` (``eps ~ N(0, I)``):
+
+==========  =================================  ====================
+name        conditional target                 ``(a_t, b_t)`` in ``a z + b eps``
+==========  =================================  ====================
+velocity    ``u = d_alpha z + d_beta eps``     ``(d_alpha, d_beta)``
+score       ``grad log p_t(x|z) = -eps/beta``  ``(0, -1/beta)``
+noise       ``eps``                            ``(0, 1)``
+data        ``z``                              ``(1, 0)``
+==========  =================================  ====================
+
+Together with ``x = alpha z + beta eps`` a prediction of one kind fixes ``(z, eps)``
+by a 2 x 2 solve, and so every other kind: this is the only place where
+parameterisations are converted. Because the conditional targets are affine in
+``(z, eps)`` and the marginal field is their conditional expectation, the same
+algebra converts *marginal* predictions, e.g. the course's
+
+    u_t(x) = (beta^2 d_alpha / alpha - d_beta beta) score_t(x) + (d_alpha / alpha) x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from flowdiff.paths.schedules import Schedule
+from flowdiff.utils import broadcast_time
+
+Parameterisation = Literal["velocity", "score", "noise", "data"]
+PARAMETERISATIONS: tuple[str, ...] = get_args(Parameterisation)
+
+
+@dataclass(frozen=True)
+class PathSample:
+    """A draw from the path and its four conditional targets; tensors shaped like ``x_t`` but ``t`` ``(B,)``."""
+
+    x_t: Tensor
+    t: Tensor
+    velocity: Tensor
+    score: Tensor | None = None
+    noise: Tensor | None = None
+    data: Tensor | None = None
+
+    def target(self, parameterisation: str) -> Tensor:
+        value = getattr(self, parameterisation)
+        if value is None:
+            raise ValueError(f"this path has no {parameterisation} target; use the velocity (cfm) objective")
+        return value
+
+
+def _check(name: str) -> None:
+    if name not in PARAMETERISATIONS:
+        raise ValueError(f"unknown parameterisation {name!r}; choose one of {', '.join(PARAMETERISATIONS)}")
+
+
+class GaussianPath:
+    """``p_t(x | z) = N(alpha_t z, beta_t^2 I)`` for a :class:`Schedule` of ``alpha_t, beta_t``."""
+
+    #: a Gaussian path knows all four targets; data-to-data interpolants only know the velocity
+    parameterisations: tuple[str, ...] = PARAMETERISATIONS
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def __repr__(self) -> str:
+        return f"GaussianPath({self.schedule!r})"
+
+    def _coefficients(self, name: str, t: Tensor, like: Tensor) -> tuple[Tensor, ...]:
+        """``(alpha, beta, a, b)`` broadcast against ``like``, where ``name = a z + b eps``."""
+        _check(name)
+        s = self.schedule(t)
+        alpha, beta, d_alpha, d_beta = (broadcast_time(v, like) for v in (s.alpha, s.beta, s.d_alpha, s.d_beta))
+        zero, one = torch.zeros_like(alpha), torch.ones_like(alpha)
+        a, b = {
+            "velocity": (d_alpha, d_beta),
+            "score": (zero, -1 / beta),
+            "noise": (zero, one),
+            "data": (one, zero),
+        }[name]
+        return alpha, beta, a, b
+
+    def sample(self, z: Tensor, eps: Tensor, t: Tensor) -> PathSample:
+        """Draw ``x_t = alpha_t z + beta_t eps`` for data ``z``, noise ``eps`` (same shape) and ``t`` ``(B,)``.
+
+        ``eps`` is the source sample: the coupling may have re-paired it with ``z``.
+        """
+        s = self.schedule(t)
+        alpha, beta, d_alpha, d_beta = (broadcast_time(v, z) for v in (s.alpha, s.beta, s.d_alpha, s.d_beta))
+        return PathSample(
+            x_t=alpha * z + beta * eps,
+            t=t,
+            velocity=d_alpha * z + d_beta * eps,
+            score=-eps / beta,
+            noise=eps,
+            data=z,
+        )
+
+    def convert(self, prediction: Tensor, src: str, dst: str, x_t: Tensor, t: Tensor) -> Tensor:
+        """Turn a ``src`` prediction at ``(x_t, t)`` into the ``dst`` one by exact algebra on the path.
+
+        Solves ``[alpha beta; a b] [z; eps] = [x_t; prediction]`` and returns ``a' z + b' eps``.
+        Singular where ``det`` or ``beta`` (for dst = score) vanishes; :meth:`time_range` finds where.
+        """
+        _check(dst)
+        if src == dst:
+            return prediction
+        alpha, beta, a, b = self._coefficients(src, t, x_t)
+        _, _, a2, b2 = self._coefficients(dst, t, x_t)
+        det = alpha * b - beta * a
+        z = (b * x_t - beta * prediction) / det
+        eps = (alpha * prediction - a * x_t) / det
+        return a2 * z + b2 * eps
+
+    def time_range(
+        self, conversions: Iterable[tuple[str, str]] = (), targets: Iterable[str] = (), margin: float = 1e-3
+    ) -> tuple[float, float]:
+        """The interval ``[t_min, t_max]`` on which the ``(src, dst)`` conversions and the conditional
+        ``targets`` are finite.
+
+        Each end is probed in float64 and pulled in by ``margin`` where a quantity is not finite there:
+        the conversions divide by ``alpha_t`` (noise, score), ``beta_t`` (data, score) or
+        ``alpha d_beta - beta d_alpha`` (velocity), and ``d_alpha, d_beta`` diverge at t = 1 for the
+        sqrt and VP schedules.
+        """
+        conversions, targets = list(conversions), list(targets)
+        for name in [n for pair in conversions for n in pair] + targets:
+            _check(name)
+        one = torch.ones(1, 1, dtype=torch.float64)
+
+        def singular(t_end: float) -> bool:
+            t = torch.full((1,), t_end, dtype=torch.float64)
+            probe = self.sample(one, one, t)
+            values = [probe.velocity] + [probe.target(n) for n in targets]
+            values += [self.convert(one, src, dst, probe.x_t, t) for src, dst in conversions]
+            return not all(bool(torch.isfinite(v).all()) for v in values)
+
+        return (margin if singular(0.0) else 0.0, 1.0 - margin if singular(1.0) else 1.0)

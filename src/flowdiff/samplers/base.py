@@ -1,0 +1,112 @@
+"""Shared pieces of all samplers: time grids, the result type and evaluation counting.
+
+Samplers know nothing about objectives or networks: they integrate a ``velocity_fn(x, t)``
+(and, for SDEs, a ``score_fn(x, t)``), with ``x`` of shape ``(B, ...)`` and ``t`` of shape ``(B,)``,
+from noise at ``t_min`` (about 0) to data at ``t_max`` (about 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flowdiff.utils import full_time
+
+FieldFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SampleResult:
+    """The final sample ``x`` ``(B, ...)``, the trajectory ``(T+1, B, ...)`` on ``times`` when asked, and the NFE."""
+
+    x: Tensor
+    times: Tensor
+    nfe: int
+    trajectory: Tensor | None = None
+
+
+def time_grid(steps: int, t_min: float = 0.0, t_max: float = 1.0, device=None, dtype=torch.float32) -> Tensor:
+    """``steps + 1`` uniform times from ``t_min`` to ``t_max``."""
+    if steps < 1:
+        raise ValueError(f"a sampler needs at least one step, got steps={steps}")
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f"need 0 <= t_min < t_max <= 1, got [{t_min}, {t_max}]")
+    return torch.linspace(t_min, t_max, steps + 1, device=device, dtype=dtype)
+
+
+class CountedField:
+    """Wrap a field so every call at a new point counts as one network function evaluation (NFE)."""
+
+    def __init__(self, fn: FieldFn) -> None:
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        return self.fn(x, t)
+
+
+class Sampler:
+    """Base class. ``steps`` is the number of time steps; ``t_min``/``t_max`` narrow the time span.
+
+    The span actually used is the intersection of ``[t_min, t_max]`` with the ``t_span``
+    passed to :meth:`sample` (the objective's safe range, see ``Objective.sample_time_range``).
+    """
+
+    #: whether the sampler needs ``score_fn`` (SDE samplers)
+    stochastic: bool = False
+
+    def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0) -> None:
+        if steps < 1:
+            raise ValueError(f"sampler.steps must be >= 1, got {steps}")
+        self.steps = steps
+        self.t_min = t_min
+        self.t_max = t_max
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "path")
+        return f"{type(self).__name__}({fields})"
+
+    def grid(self, x0: Tensor, t_span: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+        return time_grid(
+            self.steps, max(self.t_min, t_span[0]), min(self.t_max, t_span[1]), device=x0.device, dtype=x0.dtype
+        )
+
+    def sample(
+        self,
+        velocity_fn: FieldFn,
+        x0: Tensor,
+        *,
+        score_fn: FieldFn | None = None,
+        t_span: tuple[float, float] = (0.0, 1.0),
+        return_trajectory: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> SampleResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FixedStepSampler(Sampler):
+    """An explicit one-step method on a fixed grid; subclasses define :meth:`step`."""
+
+    def step(self, f: FieldFn, x: Tensor, t: float, h: float) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, velocity_fn, x0, *, score_fn=None, t_span=(0.0, 1.0), return_trajectory=False, generator=None):
+        times = self.grid(x0, t_span)
+        counted = CountedField(velocity_fn)
+        batch = x0.shape[0]
+
+        def f(x: Tensor, t: float) -> Tensor:
+            return counted(x, full_time(t, batch, x))
+
+        x, path = x0, [x0] if return_trajectory else None
+        ts = times.tolist()
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            x = self.step(f, x, t, t_next - t)
+            if path is not None:
+                path.append(x)
+        return SampleResult(x, times, counted.calls, torch.stack(path) if path is not None else None)
