@@ -1,0 +1,124 @@
+"""Callbacks that decide *when* to sample, score and plot; the math lives in samplers/ and metrics/."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from flowdiff.metrics import mmd, w2
+from flowdiff.plotting import plot_samples_2d, plt
+
+
+def _run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+def _reference(trainer: L.Trainer, n: int) -> dict[str, torch.Tensor]:
+    val = trainer.datamodule.val_set
+    return {k: v[:n] for k, v in val.items()}
+
+
+def validation_samples(trainer: L.Trainer, pl_module, n: int, seed: int = 1234) -> torch.Tensor:
+    """``n`` samples for this validation round, drawn once and shared by the callbacks (same seed each time)."""
+    cached = getattr(pl_module, "_validation_samples", None)
+    if cached is not None and cached[0] == trainer.global_step and cached[1].shape[0] >= n:
+        return cached[1][:n]
+    ref = _reference(trainer, n)
+    y = ref["y"] if pl_module.guidance is not None else None
+    x = pl_module.sample(len(ref["x1"]), y=y, generator=torch.Generator().manual_seed(seed)).x.cpu()
+    pl_module._validation_samples = (trainer.global_step, x)
+    return x
+
+
+class DistributionMetrics(L.Callback):
+    """Log ``val/w2`` (exact EMD, POT) and ``val/mmd`` of ``n`` samples against ``n`` validation points.
+
+    ``val/w2_floor`` is W2 between the validation and test sets (same size, independent): no model
+    can do better at this ``n``.
+    """
+
+    def __init__(self, n: int = 2000, every_n_epochs: int = 1) -> None:
+        self.n = n
+        self.every_n_epochs = every_n_epochs
+        self.floor: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        n = min(self.n, len(dm.val_set["x1"]), len(dm.test_set["x1"]))
+        self.floor = w2(dm.val_set["x1"][:n], dm.test_set["x1"][:n])
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        ref = _reference(trainer, self.n)["x1"]
+        x = validation_samples(trainer, pl_module, len(ref))
+        finite = torch.isfinite(x).all()
+        pl_module.log("val/w2", w2(x, ref) if finite else math.inf, prog_bar=True)
+        pl_module.log("val/mmd", mmd(x[:1000], ref[:1000]) if finite else math.inf)
+        if self.floor is not None:
+            pl_module.log("val/w2_floor", self.floor)
+
+
+class SamplePlot(L.Callback):
+    """Save (and send to every logger) samples over data, trajectories and the learned field at several t."""
+
+    def __init__(
+        self,
+        n: int = 2000,
+        n_trajectories: int = 64,
+        quiver_times: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+        every_n_epochs: int = 1,
+        dirname: str = "plots",
+    ) -> None:
+        self.n, self.n_trajectories = n, n_trajectories
+        self.quiver_times = tuple(quiver_times)
+        self.every_n_epochs = every_n_epochs
+        self.dirname = dirname
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if not trainer.is_global_zero:
+            return
+        ref = _reference(trainer, self.n)
+        x = validation_samples(trainer, pl_module, len(ref["x1"]))
+        k = min(self.n_trajectories, len(ref["x1"]))
+        y = ref["y"][:k] if pl_module.guidance is not None else None
+        traj = pl_module.sample(k, y=y, return_trajectory=True, generator=torch.Generator().manual_seed(99))
+        lo, hi = pl_module.objective.sample_time_range(pl_module.path)
+        v_fn = pl_module.vector_fields()[0]  # unconditional (null-label) field under CFG
+
+        def velocity(grid, t):
+            return v_fn(grid.to(pl_module.device), t.clamp(lo, hi).to(pl_module.device))
+
+        step = trainer.global_step
+        fig = plot_samples_2d(x, ref["x1"], traj.trajectory, velocity, self.quiver_times, title=f"step {step}")
+        out = _run_dir(trainer) / self.dirname
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"samples_step{step:07d}.png"
+        fig.savefig(path, dpi=90)
+        fig.savefig(out / "samples_last.png", dpi=90)
+        self.last_path = path
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("samples", fig, global_step=step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("samples", images=[str(path)], step=step)
+        plt.close(fig)
+
+
+class MetricsFile(L.Callback):
+    """Write the last logged metrics to ``metrics.json`` in the run directory at the end of fitting."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics["global_step"] = trainer.global_step
+        (_run_dir(trainer) / "metrics.json").write_text(json.dumps(metrics, indent=2))

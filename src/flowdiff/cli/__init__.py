@@ -1,0 +1,1 @@
+"""Entry points behind ``train.py`` and ``sample.py``: building the pieces from a Hydra config."""

@@ -1,0 +1,91 @@
+"""``python train.py ...``: compose, validate, train, report where the plot, checkpoint and metrics are."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from flowdiff.callbacks import SamplePlot
+from flowdiff.cli.build import ConfigError, build_datamodule, build_module
+
+log = logging.getLogger("flowdiff")
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Instantiate ``cfg.callbacks`` (entries set to null are off); EMA goes last so samplers see its weights."""
+    specs = {k: v for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
+    ordered = sorted(specs, key=lambda k: k == "ema")
+    return [instantiate(specs[k]) for k in ordered]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, spec in (cfg.get("logger") or {}).items():
+        if spec is None:
+            continue
+        if "WandbLogger" in spec.get("_target_", ""):
+            with open_dict(spec):
+                if _multirun():
+                    hc = HydraConfig.get()
+                    spec.group = spec.group or Path(hc.sweep.dir).name
+                    spec.name = spec.name or (hc.job.override_dirname or f"job{hc.job.num}")
+        loggers.append(instantiate(spec))
+    return loggers
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train one model; returns the final metrics (also written to ``<run_dir>/metrics.json``)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    callbacks = build_callbacks(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["train_seconds"] = time.perf_counter() - start
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot = next((c.last_path for c in callbacks if isinstance(c, SamplePlot) and c.last_path), None)
+    ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
+    if trainer.is_global_zero:
+        lines = [f"run directory: {run_dir}"]
+        if "val/w2" in metrics:
+            floor = metrics.get("val/w2_floor", math.nan)
+            lines.append(f"val/w2 = {metrics['val/w2']:.4f}  (finite-sample floor at this n: {floor:.4f})")
+        lines += [f"plot: {plot}", f"checkpoint: {ckpt or 'none'}", f"metrics: {run_dir / 'metrics.json'}"]
+        print("\n".join(lines), flush=True)
+    return metrics
+
+
+def main(cfg: DictConfig) -> float:
+    """Hydra task: one sentence on a bad combination; in a multirun a failed job does not stop the others."""
+    try:
+        metrics = train(cfg)
+    except ConfigError as err:
+        if _multirun():
+            log.error("config error: %s", err)
+            return math.nan
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:
+        if not _multirun():
+            raise
+        log.exception("job failed; the multirun goes on")
+        return math.nan
+    return metrics.get(cfg.get("optimized_metric", "val/w2"), math.nan)

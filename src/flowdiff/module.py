@@ -1,0 +1,181 @@
+"""The LightningModule: a network trained with an objective on a probability path, and sampling from it."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from flowdiff.couplings import Coupling, IndependentCoupling
+from flowdiff.guidance import ClassifierFreeGuidance
+from flowdiff.objectives import Objective
+from flowdiff.samplers import EulerSampler, SampleResult, Sampler
+
+SourceFn = Callable[[int, "torch.Generator | None"], Tensor]
+
+
+class FlowModule(L.LightningModule):
+    """Wires ``net`` + ``path`` + ``objective`` + ``coupling`` + ``guidance``; :meth:`sample` works outside training.
+
+    Args:
+        net: ``net(x, t, y=None)``, output shaped like ``x``.
+        path: a ``GaussianPath`` or, for a non-Gaussian source, a ``NoisyInterpolantPath``.
+        objective: what ``net`` predicts (see :mod:`flowdiff.objectives`).
+        data_shape: shape of one sample, e.g. ``(2,)``.
+        coupling: pairs source and data in a batch (independent by default).
+        guidance: classifier-free guidance, or ``None`` for an unconditional model.
+        sampler: the default sampler of :meth:`sample` (Euler, 100 steps, if none).
+        optimizer: ``params -> Optimizer`` (Hydra ``_partial_``); scheduler: ``optimizer -> LRScheduler``, stepped per step.
+        source: ``(n, generator) -> (n, *data_shape)`` for a non-Gaussian source; ``None`` means N(0, I).
+        compile: wrap the network in ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        path,
+        objective: Objective,
+        data_shape: tuple[int, ...],
+        coupling: Coupling | None = None,
+        guidance: ClassifierFreeGuidance | None = None,
+        sampler: Sampler | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        source: SourceFn | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        objective.check_path(path)
+        self.net = net
+        self.path = path
+        self.objective = objective
+        self.data_shape = tuple(data_shape)
+        self.coupling = coupling or IndependentCoupling()
+        self.guidance = guidance
+        self.sampler = sampler or EulerSampler(steps=100)
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.scheduler_factory = scheduler
+        self.source = source
+        self.train_t_range = objective.train_time_range(path)
+        self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
+        # kept out of nn.Module registration so checkpoints hold `net.*` only, compiled or not
+        self.__dict__["_forward"] = torch.compile(net) if compile else net
+
+    # ------------------------------------------------------------------ training
+    def _draw_t(self, n: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        lo, hi = self.train_t_range
+        return lo + (hi - lo) * torch.rand(n, device=like.device, dtype=like.dtype, generator=generator)
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """The objective's loss on one batch ``{"x1": data, "y": labels, "x0": source (optional)}``."""
+        z, y = batch["x1"], batch.get("y")
+        x0 = batch.get("x0")
+        if x0 is None:
+            x0 = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+        x0, z, y = self.coupling(x0, z, y)
+        t = self._draw_t(z.shape[0], z, generator)
+        sample = self.path.sample(z, x0, t)
+        if self.guidance is not None and y is not None:
+            y = self.guidance.drop_labels(y, generator) if self.training else y
+        else:
+            y = None
+        return self.objective.loss(self._forward(sample.x_t, t, y), sample, self.path)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["x1"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        g = torch.Generator(device=batch["x1"].device).manual_seed(batch_idx)  # same noise every epoch
+        loss = self.loss(batch, generator=g)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["x1"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["flowdiff_config"] = self.run_config
+
+    # ------------------------------------------------------------------ sampling
+    def prediction(self, x: Tensor, t: Tensor, y: Tensor | None = None, guidance_scale: float | None = None) -> Tensor:
+        """The network's (guided) prediction at ``(x, t)``: one forward, a doubled batch under CFG."""
+        if y is None or self.guidance is None:
+            if y is not None:
+                raise ValueError("this model was trained without guidance=cfg, so it cannot condition on labels")
+            return self._forward(x, t, None)
+        return self.guidance.guided(self._forward, x, t, y, guidance_scale)
+
+    def vector_fields(self, y: Tensor | None = None, guidance_scale: float | None = None):
+        """``(velocity_fn, score_fn)`` of the trained model; both reuse one network forward at the same ``(x, t)``."""
+        cache: dict[str, Tensor] = {}
+
+        def predict(x: Tensor, t: Tensor) -> Tensor:
+            if cache.get("x") is not x or cache.get("t") is not t:
+                yy = None if y is None else y.expand(x.shape[0]) if y.dim() == 0 else y
+                cache.update(x=x, t=t, pred=self.prediction(x, t, yy, guidance_scale))
+            return cache["pred"]
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return self.objective.to_velocity(self.path, predict(x, t), x, t)
+
+        def score(x: Tensor, t: Tensor) -> Tensor:
+            return self.objective.to_score(self.path, predict(x, t), x, t)
+
+        return velocity, score
+
+    def draw_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        if self.source is not None:
+            return self.source(n, generator).to(self.device)
+        x = torch.randn((n, *self.data_shape), generator=generator)
+        return x.to(self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        sampler: Sampler | None = None,
+        y: Tensor | int | None = None,
+        guidance_scale: float | None = None,
+        x0: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+    ) -> SampleResult:
+        """Draw ``n`` samples with ``sampler`` (the module's default if ``None``).
+
+        ``y`` (an int or ``(n,)`` labels) conditions a CFG-trained model with weight ``guidance_scale``
+        (``w = 1`` conditional, ``w = 0`` unconditional; default: the configured scale).
+        ``generator`` (a CPU generator) makes the source draw and the SDE noise reproducible.
+        """
+        sampler = sampler or self.sampler
+        if sampler.stochastic and "score" not in self.path.parameterisations:
+            raise ValueError(f"{type(sampler).__name__} needs a score, so a Gaussian source: use an ODE sampler")
+        x0 = self.draw_source(n, generator) if x0 is None else x0.to(self.device)
+        if isinstance(y, int):
+            y = torch.full((n,), y, dtype=torch.long)
+        y = None if y is None else y.to(self.device)
+        velocity, score = self.vector_fields(y, guidance_scale)
+        was_training = self.training
+        self.eval()
+        try:
+            noise_gen = None
+            if generator is not None and self.device.type != "cpu":
+                noise_gen = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
+            return sampler.sample(
+                velocity,
+                x0,
+                score_fn=score,
+                t_span=self.objective.sample_time_range(self.path, stochastic=sampler.stochastic),
+                return_trajectory=return_trajectory,
+                generator=noise_gen or generator,
+            )
+        finally:
+            self.train(was_training)
