@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from flowdiff.couplings import Coupling, IndependentCoupling
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.objectives import Objective
-from flowdiff.samplers import EulerSampler, SampleResult, Sampler
+from flowdiff.samplers import EulerSampler, Sampler, SampleResult
 
 SourceFn = Callable[[int, "torch.Generator | None"], Tensor]
 
@@ -28,7 +29,8 @@ class FlowModule(L.LightningModule):
         coupling: pairs source and data in a batch (independent by default).
         guidance: classifier-free guidance, or ``None`` for an unconditional model.
         sampler: the default sampler of :meth:`sample` (Euler, 100 steps, if none).
-        optimizer: ``params -> Optimizer`` (Hydra ``_partial_``); scheduler: ``optimizer -> LRScheduler``, stepped per step.
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
+        scheduler: ``optimizer -> LRScheduler``, stepped every training step.
         source: ``(n, generator) -> (n, *data_shape)`` for a non-Gaussian source; ``None`` means N(0, I).
         compile: wrap the network in ``torch.compile``.
     """

@@ -93,9 +93,9 @@ def sample(cfg: DictConfig) -> dict:
     fig = plot_samples_2d(x, ref["x1"], title=title)
     fig.savefig(run_dir / "samples.png", dpi=90)
     plt.close(fig)
-    print(
-        f"{title}\nsamples: {run_dir / 'samples.pt'}\nplot: {run_dir / 'samples.png'}\nmetrics: {run_dir / 'metrics.json'}"
-    )
+    print(title)
+    for label, name in (("samples", "samples.pt"), ("plot", "samples.png"), ("metrics", "metrics.json")):
+        print(f"{label}: {run_dir / name}")
     return metrics
 
 

@@ -34,7 +34,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
-    for name, spec in (cfg.get("logger") or {}).items():
+    for spec in (cfg.get("logger") or {}).values():
         if spec is None:
             continue
         if "WandbLogger" in spec.get("_target_", ""):
