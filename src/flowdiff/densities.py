@@ -51,9 +51,22 @@ class GaussianMixture:
             self.means.to(device, dtype), self.stds.to(device, dtype), self.weights.to(device, dtype)
         )
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``n`` points ``(n, d)`` and their component labels ``(n,)``."""
-        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, stratified: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``n`` points ``(n, d)`` and their component labels ``(n,)``.
+
+        ``stratified=True`` gives component ``k`` exactly ``floor(n w_k)`` points (the rest drawn by weight),
+        in a random order: far lower finite-sample W2 between two draws when the modes are far apart.
+        """
+        if stratified:
+            counts = torch.floor(n * self.weights).long()
+            n_rest = n - int(counts.sum())
+            rest = torch.multinomial(self.weights, n_rest, replacement=True, generator=generator) if n_rest else counts[:0]
+            labels = torch.cat([torch.repeat_interleave(torch.arange(self.n_components), counts), rest])
+            labels = labels[torch.randperm(n, generator=generator)]
+        else:
+            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator)
         return self.means[labels] + self.stds[labels, None] * eps, labels
 
