@@ -183,3 +183,20 @@ def test_trajectory_and_errors():
         build_sampler("leapfrog")
     with pytest.raises(ValueError, match="score_fn"):
         build_sampler("euler_maruyama", path=path).sample(lambda x, t: x, x0)
+
+
+@pytest.mark.parametrize("schedule_name", ["linear_vp", "sqrt", "polynomial"])
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("sampler", ["dopri5", "heun", "ddim"])
+def test_oracle_on_every_schedule(schedule_name, objective, sampler):
+    """The flow map of the Gaussian oracle on the schedules the test above does not cover."""
+    from conftest import ALL_SCHEDULES
+
+    schedule = ALL_SCHEDULES[schedule_name]
+    path = GaussianPath(schedule)
+    oracle = GaussianOracle(schedule, torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5)
+    obj, velocity, _ = _fields(oracle, path, objective)
+    x0 = torch.randn(512, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = build_sampler(sampler, path=path, steps=200).sample(velocity, x0, t_span=obj.sample_time_range(path))
+    err = (out.x - oracle.flow(x0, out.times[0].item(), out.times[-1].item())).abs().max().item()
+    assert err < (3e-2 if sampler == "ddim" else 1e-3), f"{schedule_name}/{objective}/{sampler}: {err:.2e}"

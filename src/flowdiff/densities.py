@@ -62,7 +62,9 @@ class GaussianMixture:
         if stratified:
             counts = torch.floor(n * self.weights).long()
             n_rest = n - int(counts.sum())
-            rest = torch.multinomial(self.weights, n_rest, replacement=True, generator=generator) if n_rest else counts[:0]
+            rest = (
+                torch.multinomial(self.weights, n_rest, replacement=True, generator=generator) if n_rest else counts[:0]
+            )
             labels = torch.cat([torch.repeat_interleave(torch.arange(self.n_components), counts), rest])
             labels = labels[torch.randperm(n, generator=generator)]
         else:

@@ -1,5 +1,5 @@
 """Callbacks: when to sample, score and plot."""
 
-from flowdiff.callbacks.sampling import DistributionMetrics, MetricsFile, SamplePlot, validation_samples
+from flowdiff.callbacks.sampling import DistributionMetrics, SamplePlot, validation_samples
 
-__all__ = ["DistributionMetrics", "MetricsFile", "SamplePlot", "validation_samples"]
+__all__ = ["DistributionMetrics", "SamplePlot", "validation_samples"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -111,14 +110,3 @@ class SamplePlot(L.Callback):
             elif isinstance(logger, WandbLogger):
                 logger.log_image("samples", images=[str(path)], step=step)
         plt.close(fig)
-
-
-class MetricsFile(L.Callback):
-    """Write the last logged metrics to ``metrics.json`` in the run directory at the end of fitting."""
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        metrics["global_step"] = trainer.global_step
-        (_run_dir(trainer) / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -53,11 +53,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     callbacks = build_callbacks(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
+    loggers = build_loggers(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(module.run_config)  # the resolved config: every choice of the run
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["train_seconds"] = time.perf_counter() - start
+    metrics["global_step"] = trainer.global_step
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

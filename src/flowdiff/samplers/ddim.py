@@ -28,6 +28,12 @@ class DDIMSampler(Sampler):
             raise ValueError(f"ddim needs eta >= 0, got {eta}")
         self.path = path
         self.eta = eta
+        # its own conversions velocity -> (data, noise) must be finite too (e.g. alpha^2 schedules at t = 0)
+        self._own_range = path.time_range([("velocity", "data"), ("velocity", "noise")])
+
+    def grid(self, x0, t_span=(0.0, 1.0)):
+        lo, hi = self._own_range
+        return super().grid(x0, (max(t_span[0], lo), min(t_span[1], hi)))
 
     @torch.no_grad()
     def sample(self, velocity_fn, x0, *, score_fn=None, t_span=(0.0, 1.0), return_trajectory=False, generator=None):

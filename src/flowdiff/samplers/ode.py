@@ -62,5 +62,6 @@ class Dopri5Sampler(Sampler):
             return counted(x, t.expand(x.shape[0]).to(x.dtype))
 
         out_times = times if return_trajectory else times[[0, -1]]
-        traj = odeint(f, x0, out_times, rtol=self.rtol, atol=self.atol, method="dopri5")
+        # step_t: no step may overshoot t_max, where the field may be undefined (sqrt and VP schedules at t > 1)
+        traj = odeint(f, x0, out_times, rtol=self.rtol, atol=self.atol, method="dopri5", options={"step_t": times[-1:]})
         return SampleResult(traj[-1], times, counted.calls, traj if return_trajectory else None)
