@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from helpers import CONF, FAST, compose_cfg
 from hydra.utils import instantiate
 
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from
 from flowdiff.cli.train import train
+from helpers import CONF, FAST, compose_cfg
 
 PATHS = sorted(p.stem for p in (CONF / "path").glob("*.yaml"))
 OBJECTIVES = sorted(p.stem for p in (CONF / "objective").glob("*.yaml"))
