@@ -94,6 +94,7 @@ def test_data_to_data_flow_trains(tmp_path):
     assert list((tmp_path / "plots").glob("samples_step*.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_short_training_of_each_objective_reaches_w2_bound(objective, tmp_path):
     """gmm (5 modes, std 0.5, radius 4), CondOT, 2,500 steps with EMA (decay 0.99), W2 on 1,000 points.

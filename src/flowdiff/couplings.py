@@ -2,9 +2,11 @@
 
 Minibatch OT (Tong et al. 2024, "OT-CFM"; Pooladian et al. 2023) re-pairs the source
 ``x0`` with the data ``z`` of one batch along an optimal plan for the squared Euclidean
-cost. With uniform weights and equal batch sizes the exact plan is a permutation, found
-directly by an assignment solver (``scipy.optimize.linear_sum_assignment``, the same
-optimum as POT's ``ot.emd``); otherwise pairs are drawn from POT's exact or Sinkhorn plan.
+cost. With uniform weights and equal batch sizes POT's network simplex (``ot.emd``) returns a
+vertex of the Birkhoff polytope, i.e. a permutation, which is used as it is (no draws, every
+source point used once); otherwise pairs are drawn from POT's exact or Sinkhorn plan, as torchcfm does.
+At batch 256 on 2 CPU cores ``ot.emd`` took 10-14 ms, scipy's ``linear_sum_assignment`` 18 ms and
+``lap.lapjv`` 36 ms (bench/overhead.py has the comparison with torchcfm).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Literal
 import numpy as np
 import ot
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 Batch = tuple[Tensor, Tensor, Tensor | None]
@@ -70,12 +71,13 @@ class MinibatchOTCoupling(Coupling):
         """Index arrays ``(i, j)`` of length ``len(z)``: pair ``x0[i[k]]`` with ``z[j[k]]``."""
         cost = torch.cdist(x0.detach().flatten(1).double(), z.detach().flatten(1).double()).pow(2).cpu().numpy()
         n0, n1 = cost.shape
-        if self.method == "exact" and n0 == n1:
-            rows, cols = linear_sum_assignment(cost)
-            return rows[np.argsort(cols)], np.arange(n1)
         a, b = np.full(n0, 1.0 / n0), np.full(n1, 1.0 / n1)
         if self.method == "exact":
             plan = ot.emd(a, b, cost, numItermax=1_000_000)
+            if n0 == n1:
+                rows = plan.argmax(0)
+                if np.allclose(plan[rows, np.arange(n1)], 1.0 / n1):  # a permutation, as expected
+                    return rows, np.arange(n1)
         else:
             plan = ot.sinkhorn(a, b, cost / max(cost.max(), 1e-12), reg=self.reg)
         p = plan.ravel() / plan.sum()

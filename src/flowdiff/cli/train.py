@@ -47,8 +47,8 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train one model; returns the final metrics (also written to ``<run_dir>/metrics.json``)."""
+def fit(cfg: DictConfig):
+    """Build everything from ``cfg`` and fit; returns ``(module, datamodule, trainer, callbacks, seconds)``."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
@@ -59,8 +59,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return module, datamodule, trainer, callbacks, time.perf_counter() - start
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train one model; returns the final metrics (also written to ``<run_dir>/metrics.json``)."""
+    _, _, trainer, callbacks, seconds = fit(cfg)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics["train_seconds"] = time.perf_counter() - start
+    metrics["train_seconds"] = seconds
     metrics["global_step"] = trainer.global_step
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,83 @@
+"""Shared helpers of the benchmarks: composing configs, evaluation by W2 / NPE, timing, Markdown tables."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "bench"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from flowdiff.metrics import w2  # noqa: E402
+from flowdiff.samplers import EulerSampler  # noqa: E402
+from helpers import compose_cfg  # noqa: E402
+
+QUIET = ["callbacks=none", "logger=[]", "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=100000"]
+
+
+def compose(overrides: list[str], run_dir: Path | str = "/tmp/flowdiff-bench"):
+    return compose_cfg(overrides, run_dir)
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 7, inner: int = 1, sync: Callable[[], None] = lambda: None):
+    """Median over ``repeats`` of the wall time of ``inner`` calls, in ms per call (after one warm-up)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000 / inner)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def evaluate_velocity(velocity_fn, source: torch.Tensor, test: torch.Tensor, test2: torch.Tensor, steps: int = 100):
+    """W2 of 100-step Euler samples against ``test``, the floor W2(test2, test), and the normalised path energy.
+
+    NPE = |E int ||v||^2 dt - W2^2(source, target)| / W2^2(source, target), the energy summed along the
+    Euler trajectory (h ||v(x_k, t_k)||^2 per step), W2^2(source, target) by exact EMD.
+    """
+    out = EulerSampler(steps=steps).sample(velocity_fn, source, return_trajectory=True)
+    h = 1.0 / steps
+    energy = 0.0
+    for k in range(steps):
+        t = torch.full((source.shape[0],), k * h)
+        energy += h * velocity_fn(out.trajectory[k], t).pow(2).sum(1).mean().item()
+    w2_st = w2(source, test) ** 2
+    x = out.x
+    finite = bool(torch.isfinite(x).all())
+    return {
+        "w2": w2(x, test) if finite else float("inf"),
+        "floor": w2(test2, test),
+        "npe": abs(energy - w2_st) / w2_st,
+    }
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_json(name: str, data) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
