@@ -100,8 +100,11 @@ class FixedStepSampler(Sampler):
         counted = CountedField(velocity_fn)
         batch = x0.shape[0]
 
+        grid_times = {t: times[k].expand(batch) for k, t in enumerate(times.tolist())}  # (B,) views, no kernels
+
         def f(x: Tensor, t: float) -> Tensor:
-            return counted(x, full_time(t, batch, x))
+            tb = grid_times.get(t)
+            return counted(x, tb if tb is not None else full_time(t, batch, x))
 
         x, path = x0, [x0] if return_trajectory else None
         ts = times.tolist()
