@@ -72,35 +72,36 @@ class GaussianPath:
     def __repr__(self) -> str:
         return f"GaussianPath({self.schedule!r})"
 
-    def _coefficients(self, name: str, t: Tensor, like: Tensor) -> tuple[Tensor, ...]:
-        """``(alpha, beta, a, b)`` broadcast against ``like``, where ``name = a z + b eps``."""
-        _check(name)
+    def _schedule(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``alpha, beta, d_alpha, d_beta`` broadcast against ``like``."""
         s = self.schedule(t)
-        alpha, beta, d_alpha, d_beta = (broadcast_time(v, like) for v in (s.alpha, s.beta, s.d_alpha, s.d_beta))
-        zero, one = torch.zeros_like(alpha), torch.ones_like(alpha)
-        a, b = {
-            "velocity": (d_alpha, d_beta),
-            "score": (zero, -1 / beta),
-            "noise": (zero, one),
-            "data": (one, zero),
-        }[name]
-        return alpha, beta, a, b
+        return tuple(broadcast_time(v, like) for v in (s.alpha, s.beta, s.d_alpha, s.d_beta))
+
+    @staticmethod
+    def _coefficients(name: str, alpha: Tensor, beta: Tensor, d_alpha: Tensor, d_beta: Tensor) -> tuple:
+        """``(a, b)`` such that the quantity ``name`` is ``a z + b eps``."""
+        _check(name)
+        if name == "velocity":
+            return d_alpha, d_beta
+        if name == "score":
+            return torch.zeros_like(alpha), -1 / beta
+        if name == "noise":
+            return torch.zeros_like(alpha), torch.ones_like(alpha)
+        return torch.ones_like(alpha), torch.zeros_like(alpha)  # data
 
     def sample(self, z: Tensor, eps: Tensor, t: Tensor) -> PathSample:
         """Draw ``x_t = alpha_t z + beta_t eps`` for data ``z``, noise ``eps`` (same shape) and ``t`` ``(B,)``.
 
-        ``eps`` is the source sample: the coupling may have re-paired it with ``z``.
+        ``eps`` is the source sample: the coupling may have re-paired it with ``z``. Each target is
+        ``a z + b eps`` with the coefficients of the table above.
         """
-        s = self.schedule(t)
-        alpha, beta, d_alpha, d_beta = (broadcast_time(v, z) for v in (s.alpha, s.beta, s.d_alpha, s.d_beta))
-        return PathSample(
-            x_t=alpha * z + beta * eps,
-            t=t,
-            velocity=d_alpha * z + d_beta * eps,
-            score=-eps / beta,
-            noise=eps,
-            data=z,
-        )
+        sched = self._schedule(t, z)
+        targets = {}
+        for name in PARAMETERISATIONS:
+            a, b = self._coefficients(name, *sched)
+            targets[name] = a * z + b * eps
+        alpha, beta = sched[:2]
+        return PathSample(x_t=alpha * z + beta * eps, t=t, **targets)
 
     def convert(self, prediction: Tensor, src: str, dst: str, x_t: Tensor, t: Tensor) -> Tensor:
         """Turn a ``src`` prediction at ``(x_t, t)`` into the ``dst`` one by exact algebra on the path.
@@ -108,11 +109,14 @@ class GaussianPath:
         Solves ``[alpha beta; a b] [z; eps] = [x_t; prediction]`` and returns ``a' z + b' eps``.
         Singular where ``det`` or ``beta`` (for dst = score) vanishes; :meth:`time_range` finds where.
         """
+        _check(src)
         _check(dst)
         if src == dst:
             return prediction
-        alpha, beta, a, b = self._coefficients(src, t, x_t)
-        _, _, a2, b2 = self._coefficients(dst, t, x_t)
+        sched = self._schedule(t, x_t)
+        alpha, beta = sched[:2]
+        a, b = self._coefficients(src, *sched)
+        a2, b2 = self._coefficients(dst, *sched)
         det = alpha * b - beta * a
         z = (b * x_t - beta * prediction) / det
         eps = (alpha * prediction - a * x_t) / det
