@@ -28,6 +28,11 @@ def _multirun() -> bool:
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Instantiate ``cfg.callbacks`` (entries set to null are off); EMA goes last so samplers see its weights."""
     specs = {k: v for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
+    for name, spec in specs.items():
+        if "_target_" not in spec:
+            raise ConfigError(
+                f"callbacks.{name} has settings but no _target_: set callbacks.{name}=null or give it one"
+            )
     ordered = sorted(specs, key=lambda k: k == "ema")
     return [instantiate(specs[k]) for k in ordered]
 
