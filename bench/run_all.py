@@ -24,6 +24,19 @@ Timings on shared machines are noisy: every ratio below is measured within one r
 """
 
 
+def gpu_section() -> str:
+    """The CUDA rows, measured by ``bench/gpu_check.sh`` on a lent GPU (kept in docs/bench/overhead_cuda*.md)."""
+    parts = ["## On a GPU\n\nMeasured by `bench/gpu_check.sh` (the same `bench/overhead.py`, `--device cuda`, with and "
+             "without `--compile`); rerun it on a GPU machine to refresh these tables."]
+    for name in ("overhead_cuda", "overhead_cuda_compile"):
+        path = ROOT / "docs" / "bench" / f"{name}.md"
+        if path.exists():
+            parts.append(path.read_text().strip())
+    if len(parts) == 1:
+        parts.append("No GPU measurements stored yet.")
+    return "\n\n".join(parts)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3,000 steps, 2 seeds, 2,000 evaluation points")
@@ -46,6 +59,7 @@ def main(argv=None):
     curves = sampler_curves.main(["--steps", str(args.steps), "--n-eval", str(args.n_eval)])
     sections.append("## Sampler cost curves\n\n" + curves)
     sections.append("## Framework overhead\n\n" + overhead.main([]))
+    sections.append(gpu_section())
     settings = f"{args.steps} training steps, {args.seeds} seeds, n_eval {args.n_eval}"
     text = (
         HEADER.format(

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
     """A combination of config choices that cannot work; the message says what to change."""
 
 
-def _plain(cfg: DictConfig | dict | None) -> dict[str, Any]:
+def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
     if cfg is None:
         return {}
     return dict(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -43,12 +43,12 @@ def build_path(cfg: DictConfig, gaussian_source: bool):
 
 
 def build_objective(cfg: DictConfig) -> Objective:
-    kw = _plain(cfg.objective)
+    kw = plain_dict(cfg.objective)
     return Objective.from_name(kw.pop("name"), **kw)
 
 
 def build_coupling(cfg: DictConfig) -> Coupling:
-    kw = _plain(cfg.coupling)
+    kw = plain_dict(cfg.coupling)
     name = kw.pop("name")
     if name == "independent":
         return IndependentCoupling(**kw)
@@ -58,14 +58,14 @@ def build_coupling(cfg: DictConfig) -> Coupling:
 
 
 def build_guidance(cfg: DictConfig, num_classes: int) -> ClassifierFreeGuidance | None:
-    kw = _plain(cfg.guidance)
+    kw = plain_dict(cfg.guidance)
     if kw.pop("name") == "none":
         return None
     return ClassifierFreeGuidance(null_label=num_classes, **kw)
 
 
 def build_sampler_from(sampler_cfg: DictConfig | dict, path) -> Sampler:
-    kw = _plain(sampler_cfg)
+    kw = plain_dict(sampler_cfg)
     return build_sampler(kw.pop("name"), path=path, **{k: v for k, v in kw.items() if v is not None})
 
 
@@ -125,5 +125,5 @@ def build_module(cfg: DictConfig, datamodule) -> FlowModule:
         source=source,
         compile=bool(cfg.get("compile", False)),
     )
-    module.run_config = _plain(cfg)
+    module.run_config = plain_dict(cfg)
     return module

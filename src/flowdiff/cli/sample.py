@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -11,11 +10,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flowdiff.cli.build import ConfigError, _plain, build_datamodule, build_module, build_sampler_from, validate
+from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from, plain_dict, validate
 from flowdiff.metrics import w2
 from flowdiff.plotting import plot_samples_2d, plt
-
-log = logging.getLogger("flowdiff")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
@@ -35,17 +32,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
 
 def resolve_sampler_config(train_cfg: DictConfig, override: DictConfig) -> DictConfig:
     """A named sampler replaces the training one; otherwise the non-null fields edit it."""
-    edits = {k: v for k, v in _plain(override).items() if v is not None}
-    base = {} if edits.get("name") not in (None, train_cfg.sampler.name) else _plain(train_cfg.sampler)
+    edits = {k: v for k, v in plain_dict(override).items() if v is not None}
+    base = {} if edits.get("name") not in (None, train_cfg.sampler.name) else plain_dict(train_cfg.sampler)
     return OmegaConf.create({**base, **edits})
 
 
 def sample(cfg: DictConfig) -> dict:
-    device = (
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module, dm, train_cfg = load_checkpoint(cfg.ckpt, device)
     sampler_cfg = resolve_sampler_config(train_cfg, cfg.sampler)
     validate(OmegaConf.merge(train_cfg, {"sampler": sampler_cfg}), dm)
@@ -74,7 +67,7 @@ def sample(cfg: DictConfig) -> dict:
     x = result.x.cpu()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"x": x, "y": y, "nfe": result.nfe, "sampler": _plain(sampler_cfg)}, run_dir / "samples.pt")
+    torch.save({"x": x, "y": y, "nfe": result.nfe, "sampler": plain_dict(sampler_cfg)}, run_dir / "samples.pt")
     m = min(n, len(ref["x1"]))
     metrics = {
         "checkpoint": str(cfg.ckpt),
