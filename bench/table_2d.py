@@ -149,46 +149,51 @@ def main(argv=None):
 
 
 def render(runs, args) -> str:
-    rows = []
     keys = sorted(
         {(r["lib"], r["method"]) for r in runs}, key=lambda k: (["I-CFM", "OT-CFM", "score", "noise"].index(k[1]), k[0])
     )
+
+    def metric_rows(metric: str) -> list[list[str]]:
+        """One row per (library, method): mean ± sd of ``metric`` per task, then the published values."""
+        rows = []
+        for lib, method in keys:
+            row = [f"{method} ({lib})"]
+            for task in args.tasks:
+                sel = [r[metric] for r in runs if (r["lib"], r["method"], r["task"]) == (lib, method, task)]
+                row.append(mean_sd(sel) if sel else "—")
+            rows.append(row)
+        if metric == "w2":
+            rows.append(
+                ["finite-sample floor"]
+                + [
+                    mean_sd(
+                        [r["floor"] for r in runs if (r["task"], r["lib"], r["method"]) == (t, "flowdiff", "I-CFM")]
+                    )
+                    for t in args.tasks
+                ]
+            )
+        column = {"w2": 0, "npe": 1}[metric]
+        for method in ("OT-CFM", "I-CFM"):
+            rows.append([f"{method} (published)"] + [f"{PUBLISHED[(method, t)][column]:.3f}" for t in args.tasks])
+        return rows
+
+    time_rows = []
     for lib, method in keys:
-        row = [f"{method} ({lib})"]
-        for task in args.tasks:
-            sel = [r for r in runs if r["lib"] == lib and r["method"] == method and r["task"] == task]
-            row.append(f"{mean_sd([r['w2'] for r in sel])}" if sel else "—")
-        rows.append(row)
-    floors = ["finite-sample floor"] + [
-        mean_sd([r["floor"] for r in runs if r["task"] == t and r["lib"] == "flowdiff" and r["method"] == "I-CFM"])
-        for t in args.tasks
-    ]
-    rows.append(floors)
-    for method in ("OT-CFM", "I-CFM"):
-        rows.append([f"{method} (published)"] + [f"{PUBLISHED[(method, t)][0]:.3f}" for t in args.tasks])
-    w2_table = markdown_table(["W2"] + args.tasks, rows)
-    rows = []
-    for lib, method in keys:
-        row = [f"{method} ({lib})"]
-        for task in args.tasks:
-            sel = [r for r in runs if r["lib"] == lib and r["method"] == method and r["task"] == task]
-            row.append(mean_sd([r["npe"] for r in sel]) if sel else "—")
-        rows.append(row)
-    for method in ("OT-CFM", "I-CFM"):
-        rows.append([f"{method} (published)"] + [f"{PUBLISHED[(method, t)][1]:.3f}" for t in args.tasks])
-    npe_table = markdown_table(["NPE"] + args.tasks, rows)
-    rows = []
-    for lib, method in keys:
-        sel = [r for r in runs if r["lib"] == lib and r["method"] == method]
-        rows.append(
+        sel = [r for r in runs if (r["lib"], r["method"]) == (lib, method)]
+        time_rows.append(
             [
                 f"{method} ({lib})",
                 mean_sd([r["ms_per_step"] for r in sel]),
                 f"{sum(r['seconds'] for r in sel) / len(sel):.1f}",
             ]
         )
-    time_table = markdown_table(["wall time", "ms per training step", "s per run"], rows)
-    return "\n\n".join([w2_table, npe_table, time_table])
+    return "\n\n".join(
+        [
+            markdown_table(["W2"] + args.tasks, metric_rows("w2")),
+            markdown_table(["NPE"] + args.tasks, metric_rows("npe")),
+            markdown_table(["wall time", "ms per training step", "s per run"], time_rows),
+        ]
+    )
 
 
 if __name__ == "__main__":
