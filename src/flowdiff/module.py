@@ -90,8 +90,13 @@ class FlowModule(L.LightningModule):
         loss = self.loss(batch)
         # Lightning writes train metrics every `log_every_n_steps` only; calling self.log on the other steps
         # costs about 2 ms each on a small model (bench/overhead.py), so log on the steps that are written
+        # and on the last step of each epoch (so short runs and the progress bar still see the loss)
         trainer = self._trainer
-        if trainer is None or (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
+        if (
+            trainer is None
+            or (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0
+            or batch_idx + 1 == trainer.num_training_batches
+        ):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch["x1"].shape[0])
         return loss
 
