@@ -67,6 +67,10 @@ class FlowModule(L.LightningModule):
         self.__dict__["_forward"] = torch.compile(net) if compile else net
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:  # independent noise and times on every DDP rank
+            torch.manual_seed(torch.initial_seed() + 7919 * self.trainer.global_rank)
+
     def _draw_t(self, n: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         lo, hi = self.train_t_range
         return lo + (hi - lo) * torch.rand(n, device=like.device, dtype=like.dtype, generator=generator)

@@ -57,6 +57,11 @@ class ToyDataModule(L.LightningDataModule):
         self.val_set = self.draw(n_val, torch.Generator().manual_seed(seed + 1_000_003))
         self.test_set = self.draw(n_test, torch.Generator().manual_seed(seed + 2_000_003))
 
+    def setup(self, stage: str | None = None) -> None:
+        # under DDP every rank draws its own training batches (the fixed val/test sets stay shared)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self.generator = torch.Generator().manual_seed(self.seed + 1 + 7919 * rank)
+
     @property
     def dim(self) -> int:
         return self.target.dim
