@@ -32,11 +32,12 @@ READING = """## Reading the numbers: targets met and missed
   published protocol is `make bench` without `--quick` (20,000 steps, 5 seeds), which takes hours on 2 cores.
 - **Score and noise objectives** on the CondOT path trail the velocity objective: their conversion to a velocity
   divides by alpha_t, which amplifies the network's error near t = 0 (see `conf/objective/noise.yaml`).
-- **Training overhead, target >= 0.95: missed** (about 0.65 on CPU and on the H100 for this 3 x 64 MLP). Each
+- **Training overhead, target >= 0.95: missed** (0.65 to 0.68 on CPU, H100 and H200 for this 3 x 64 MLP). Each
   Lightning step costs about 2 ms of hooks, closure and loop bookkeeping (cProfile: `training_epoch_loop.advance`),
   which a 2-4 ms step cannot hide; logging only on the steps Lightning writes removed another 2 ms. For an image
   UNet the same 2 ms is a few percent.
-- **Sampling overhead, target <= 1.05: missed on the GPU** (1.5; 1.1 on CPU): per step the sampler adds the Euler
+- **Sampling overhead, target <= 1.05: missed on the GPU** (1.29 on the H200, 1.5 on the H100 before the time-tensor
+  change, about 2 with `torch.compile`, whose forwards get faster; 1.1 on CPU): per step the sampler adds the Euler
   update and the conversion to a velocity, a few kernel launches that weigh as much as a forward of this tiny MLP.
 - **CFG as one doubled forward** beats two forwards on the GPU; on 2 CPU cores they cost the same.
 - **Minibatch OT, target within 1.5x of an I-CFM step: missed.** Exact OT at batch 256 costs about 10 ms on this CPU
@@ -50,12 +51,12 @@ def gpu_section() -> str:
     """The CUDA rows, measured by ``bench/gpu_check.sh`` on a lent GPU (kept in docs/bench/overhead_cuda*.md)."""
     parts = [
         "## On a GPU\n\nMeasured by `bench/gpu_check.sh` (the same `bench/overhead.py`, `--device cuda`, with and "
-        "without `--compile`); rerun it on a GPU machine to refresh these tables."
+        "without `--compile`); rerun it on a GPU machine to refresh these tables. Compare numbers within one card "
+        "only: the H100 and H200 runs came from different sessions and commits (the H200 one after fixed-step "
+        "samplers stopped allocating a time tensor per evaluation)."
     ]
-    for name in ("overhead_cuda", "overhead_cuda_compile"):
-        path = ROOT / "docs" / "bench" / f"{name}.md"
-        if path.exists():
-            parts.append(path.read_text().strip())
+    for path in sorted((ROOT / "docs" / "bench").glob("overhead_cuda_*.md")):
+        parts.append(path.read_text().strip())
     if len(parts) == 1:
         parts.append("No GPU measurements stored yet.")
     return "\n\n".join(parts)
