@@ -35,3 +35,47 @@ def compose_cfg(overrides: list[str], run_dir: Path | str, config: str = "train"
         cfg.run_dir = str(run_dir)
         del cfg["hydra"]
     return cfg
+
+
+def tiny_mnist(root: Path, n_train: int = 64, n_test: int = 32, folder: str = "MNIST") -> Path:
+    """MNIST's idx files with ``n_train`` / ``n_test`` images: each class a bright bar at its own row."""
+    import numpy as np
+
+    from flowdiff.data.formats import write_mnist
+
+    rng = np.random.default_rng(0)
+    for train, n in ((True, n_train), (False, n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for k, c in enumerate(labels):
+            images[k, 2 + 2 * c : 4 + 2 * c, 4:24] = 255
+        write_mnist(root, images, labels, train, folder)
+    return root
+
+
+def tiny_classifier(path: Path, in_channels: int = 1) -> Path:
+    """A DigitClassifier with its initial weights, saved where ``classifier_path`` can point (tests only)."""
+    import torch
+
+    from flowdiff.metrics.classifier import DigitClassifier, save_classifier
+
+    torch.manual_seed(0)
+    save_classifier(DigitClassifier(in_channels, 10), path)
+    return path
+
+
+TINY_UNET = ["net=unet", "net.channels=[8,16]", "net.num_residual_layers=1", "net.t_embed_dim=8", "net.y_embed_dim=8"]
+TINY_IMAGES = [
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.steps_per_epoch=2",
+    "data.n_val=16",
+    "trainer.max_steps=3",
+    "sampler.steps=3",
+    "callbacks.grid.per_class=2",
+    "callbacks.grid.n=4",
+    "callbacks.grid.guidance_scales=[1.0,3.0]",
+    "callbacks.image_metrics.n=20",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+]

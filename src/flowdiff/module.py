@@ -33,6 +33,10 @@ class FlowModule(L.LightningModule):
         scheduler: ``optimizer -> LRScheduler``, stepped every training step.
         source: ``(n, generator) -> (n, *data_shape)`` for a non-Gaussian source; ``None`` means N(0, I).
         compile: wrap the network in ``torch.compile``.
+        channels_last: keep image networks and their inputs in channels-last memory (faster convolutions
+            on GPUs, above all under bf16).
+        autocast_dtype: run the network under autocast to this dtype when sampling on a GPU (the solver's
+            state stays in the input's dtype); ``None``: no autocast.
     """
 
     def __init__(
@@ -48,6 +52,8 @@ class FlowModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         source: SourceFn | None = None,
         compile: bool = False,
+        channels_last: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         objective.check_path(path)
@@ -63,6 +69,10 @@ class FlowModule(L.LightningModule):
         self.source = source
         self.train_t_range = objective.train_time_range(path)
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last and len(self.data_shape) == 3
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
         # kept out of nn.Module registration so checkpoints hold `net.*` only, compiled or not
         self.__dict__["_forward"] = torch.compile(net) if compile else net
 
@@ -83,6 +93,8 @@ class FlowModule(L.LightningModule):
             x0 = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
         x0, z, y = self.coupling(x0, z, y)
         t = self._draw_t(z.shape[0], z, generator)
+        if self.channels_last:
+            z, x0 = z.contiguous(memory_format=torch.channels_last), x0.contiguous(memory_format=torch.channels_last)
         sample = self.path.sample(z, x0, t)
         if self.guidance is not None and y is not None:
             y = self.guidance.drop_labels(y, generator) if self.training else y
@@ -123,11 +135,15 @@ class FlowModule(L.LightningModule):
     # ------------------------------------------------------------------ sampling
     def prediction(self, x: Tensor, t: Tensor, y: Tensor | None = None, guidance_scale: float | None = None) -> Tensor:
         """The network's (guided) prediction at ``(x, t)``: one forward, a doubled batch under CFG."""
-        if y is None or self.guidance is None:
-            if y is not None:
-                raise ValueError("this model was trained without guidance=cfg, so it cannot condition on labels")
-            return self._forward(x, t, None)
-        return self.guidance.guided(self._forward, x, t, y, guidance_scale)
+        if y is not None and self.guidance is None:
+            raise ValueError("this model was trained without guidance=cfg, so it cannot condition on labels")
+        autocast = self.autocast_dtype is not None and x.device.type == "cuda" and not torch.is_autocast_enabled()
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=autocast):
+            if y is None:
+                out = self._forward(x, t, None)
+            else:
+                out = self.guidance.guided(self._forward, x, t, y, guidance_scale)
+        return out.to(x.dtype)
 
     def vector_fields(self, y: Tensor | None = None, guidance_scale: float | None = None):
         """``(velocity_fn, score_fn)`` of the trained model; both reuse one network forward at the same ``(x, t)``."""
@@ -150,8 +166,8 @@ class FlowModule(L.LightningModule):
     def draw_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         if self.source is not None:
             return self.source(n, generator).to(self.device)
-        x = torch.randn((n, *self.data_shape), generator=generator)
-        return x.to(self.device)
+        x = torch.randn((n, *self.data_shape), generator=generator).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.no_grad()
     def sample(

@@ -41,6 +41,8 @@ class DistributionMetrics(L.Callback):
     can do better at this ``n``.
     """
 
+    data_kinds = ("vector",)
+
     def __init__(self, n: int = 2000, every_n_epochs: int = 1) -> None:
         self.n = n
         self.every_n_epochs = every_n_epochs
@@ -65,6 +67,8 @@ class DistributionMetrics(L.Callback):
 
 class SamplePlot(L.Callback):
     """Save (and send to every logger) samples over data, trajectories and the learned field at several t."""
+
+    data_kinds = ("vector",)
 
     def __init__(
         self,

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flowdiff.couplings import Coupling, IndependentCoupling, MinibatchOTCoupling
+from flowdiff.data.images import DataError
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.module import FlowModule
 from flowdiff.objectives import Objective
@@ -30,7 +33,14 @@ def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
 
 
 def build_datamodule(cfg: DictConfig):
-    return instantiate(cfg.data)
+    """``cfg.data``; unreadable or missing data is one sentence (:class:`ConfigError`)."""
+    try:
+        return instantiate(cfg.data)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, DataError):
+            raise ConfigError(str(cause)) from None
+        raise
 
 
 def build_path(cfg: DictConfig, gaussian_source: bool):
@@ -99,12 +109,23 @@ def validate(cfg: DictConfig, datamodule) -> None:
         raise ConfigError(f"coupling.by_label=true needs labelled data, but data={datamodule.name} has none")
 
 
+def build_net(cfg: DictConfig, data_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """``cfg.net`` for data of ``data_shape``; a net that does not fit the data is one sentence."""
+    try:
+        return instantiate(cfg.net, data_shape=list(data_shape), num_classes=num_classes)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        raise
+
+
 def build_module(cfg: DictConfig, datamodule) -> FlowModule:
     """The :class:`FlowModule` for ``cfg`` (validated first); the network's sizes come from the data."""
     validate(cfg, datamodule)
     path = build_path(cfg, datamodule.gaussian_source)
     guidance = build_guidance(cfg, datamodule.num_classes)
-    net = instantiate(cfg.net, dim=datamodule.dim, num_classes=datamodule.num_classes if guidance else 0)
+    net = build_net(cfg, datamodule.data_shape, datamodule.num_classes if guidance else 0)
     source = None
     if not datamodule.gaussian_source:
         toy = datamodule.source  # a distribution object, not the datamodule
@@ -116,7 +137,7 @@ def build_module(cfg: DictConfig, datamodule) -> FlowModule:
         net=net,
         path=path,
         objective=build_objective(cfg),
-        data_shape=(datamodule.dim,),
+        data_shape=datamodule.data_shape,
         coupling=build_coupling(cfg),
         guidance=guidance,
         sampler=build_sampler_from(cfg.sampler, path),
@@ -124,6 +145,8 @@ def build_module(cfg: DictConfig, datamodule) -> FlowModule:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         source=source,
         compile=bool(cfg.get("compile", False)),
+        channels_last=bool(cfg.get("channels_last", False)),
+        autocast_dtype=torch.bfloat16 if str(cfg.trainer.get("precision", "")).startswith("bf16") else None,
     )
     module.run_config = plain_dict(cfg)
     return module

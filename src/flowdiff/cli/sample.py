@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import make_grid, save_image
 
+from flowdiff.callbacks.images import balanced_labels, build_extractor
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from, plain_dict, validate
+from flowdiff.data.images import to_uint8, to_unit
+from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
 from flowdiff.metrics import w2
+from flowdiff.metrics.images import FeatureFID, MissingWeights, fid_report
 from flowdiff.plotting import plot_samples_2d, plt
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """The :class:`FlowModule`, its datamodule and training config, rebuilt from a checkpoint alone."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compile: bool = False):
+    """The :class:`FlowModule`, its datamodule and training config, rebuilt from a checkpoint alone.
+
+    ``compile`` replaces the training run's ``compile`` (sampling shapes differ, so a compiled training
+    net would compile again; off by default)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ckpt={path} does not exist: pass the path of a .ckpt written by train.py")
@@ -24,6 +36,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     if "flowdiff_config" not in ckpt:
         raise ConfigError(f"ckpt={path} carries no flowdiff config: it was not written by train.py")
     train_cfg = OmegaConf.create(ckpt["flowdiff_config"])
+    train_cfg.compile = compile
     datamodule = build_datamodule(train_cfg)
     module = build_module(train_cfg, datamodule)
     module.load_state_dict(ckpt["state_dict"])  # EMA weights when EMA was on (Lightning stores the average)
@@ -39,7 +52,7 @@ def resolve_sampler_config(train_cfg: DictConfig, override: DictConfig) -> DictC
 
 def sample(cfg: DictConfig) -> dict:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    module, dm, train_cfg = load_checkpoint(cfg.ckpt, device)
+    module, dm, train_cfg = load_checkpoint(cfg.ckpt, device, compile=bool(cfg.get("compile", False)))
     sampler_cfg = resolve_sampler_config(train_cfg, cfg.sampler)
     validate(OmegaConf.merge(train_cfg, {"sampler": sampler_cfg}), dm)
     sampler = build_sampler_from(sampler_cfg, module.path)
@@ -48,53 +61,225 @@ def sample(cfg: DictConfig) -> dict:
         raise ConfigError(
             "guidance.scale is set but this checkpoint was trained with guidance=none: drop guidance.scale"
         )
-    ref = dm.test_set
     n = int(cfg.n)
-    y = None
-    if module.guidance is not None:
-        y = (
-            torch.full((n,), int(cfg.label))
-            if cfg.label is not None
-            else ref["y"][:n].repeat(n // len(ref["y"]) + 1)[:n]
-        )
-    start = time.perf_counter()
-    result = module.sample(
-        n, sampler=sampler, y=y, guidance_scale=scale, generator=torch.Generator().manual_seed(int(cfg.seed))
-    )
-    if device != "cpu":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    x = result.x.cpu()
+    if n < 1:
+        raise ConfigError(f"n={n} is invalid: ask for at least one sample")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"x": x, "y": y, "nfe": result.nfe, "sampler": plain_dict(sampler_cfg)}, run_dir / "samples.pt")
-    m = min(n, len(ref["x1"]))
     metrics = {
         "checkpoint": str(cfg.ckpt),
         "sampler": sampler_cfg.name,
         "steps": sampler_cfg.get("steps"),
         "guidance_scale": scale if scale is not None else (module.guidance.scale if module.guidance else None),
         "n": n,
-        "nfe": result.nfe,
+    }
+    if dm.kind == "image":
+        metrics.update(_sample_images(cfg, module, dm, sampler, scale, n, run_dir, device))
+    else:
+        metrics.update(_sample_vectors(cfg, module, dm, sampler, scale, n, run_dir, device))
+    nll_n = int(cfg.get("nll", {}).get("n", 0) or 0)
+    if nll_n > 0:
+        metrics.update(_likelihood(cfg, module, dm, nll_n, device))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    table = _append_row(metrics)
+    for label, name in (("samples", "samples.pt"), ("metrics", "metrics.json")):
+        print(f"{label}: {run_dir / name}")
+    if table is not None:
+        print(f"sweep table: {table}")
+    return metrics
+
+
+def _labels(module, dm, cfg, n: int, reference: torch.Tensor | None) -> torch.Tensor | None:
+    if module.guidance is None:
+        return None
+    if cfg.label is not None:
+        return torch.full((n,), int(cfg.label))
+    if reference is not None:
+        return reference[:n].repeat(n // len(reference) + 1)[:n]
+    return balanced_labels(n, dm.num_classes)
+
+
+def _timed_sample(module, n, sampler, y, scale, seed: int, device: str, batch_size: int):
+    start = time.perf_counter()
+    parts, nfe = [], 0
+    for i in range(0, n, batch_size):
+        k = min(batch_size, n - i)
+        g = torch.Generator().manual_seed(seed + i)
+        result = module.sample(
+            k, sampler=sampler, y=None if y is None else y[i : i + k], guidance_scale=scale, generator=g
+        )
+        parts.append(result.x.float().cpu())
+        nfe = result.nfe
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return torch.cat(parts), nfe, time.perf_counter() - start
+
+
+def _sample_vectors(cfg, module, dm, sampler, scale, n, run_dir: Path, device: str) -> dict:
+    ref = dm.test_set
+    y = _labels(module, dm, cfg, n, ref["y"])
+    x, nfe, seconds = _timed_sample(module, n, sampler, y, scale, int(cfg.seed), device, batch_size=n)
+    torch.save({"x": x, "y": y, "nfe": nfe, "sampler": plain_dict(cfg.sampler)}, run_dir / "samples.pt")
+    m = min(n, len(ref["x1"]))
+    out = {
+        "nfe": nfe,
         "seconds": seconds,
         "w2": w2(x[:m], ref["x1"][:m]) if torch.isfinite(x).all() else float("inf"),
         "w2_floor": w2(dm.val_set["x1"][:m], ref["x1"][:m]),
         "w2_n": m,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    title = f"{sampler_cfg.name}, NFE {result.nfe}, W2 {metrics['w2']:.3f} (floor {metrics['w2_floor']:.3f})"
+    title = f"{sampler!r}".split("(")[0] + f", NFE {nfe}, W2 {out['w2']:.3f} (floor {out['w2_floor']:.3f})"
     fig = plot_samples_2d(x, ref["x1"], title=title)
     fig.savefig(run_dir / "samples.png", dpi=90)
     plt.close(fig)
     print(title)
-    for label, name in (("samples", "samples.pt"), ("plot", "samples.png"), ("metrics", "metrics.json")):
-        print(f"{label}: {run_dir / name}")
-    return metrics
+    print(f"plot: {run_dir / 'samples.png'}")
+    return out
+
+
+def _sample_images(cfg, module, dm, sampler, scale, n, run_dir: Path, device: str) -> dict:
+    mcfg = cfg.get("metrics", {}) or {}
+    y = _labels(module, dm, cfg, n, None)
+    batch = int(mcfg.get("batch_size", 500))
+    x, nfe, seconds = _timed_sample(module, n, sampler, y, scale, int(cfg.seed), device, batch)
+    torch.save({"x": to_uint8(x), "y": y, "nfe": nfe, "sampler": plain_dict(cfg.sampler)}, run_dir / "samples.pt")
+    k = min(n, 100 if y is None else 10 * dm.num_classes)
+    order = torch.argsort(y[:k], stable=True) if y is not None else torch.arange(k)
+    nrow = 10 if y is not None else int(k**0.5)
+    save_image(make_grid(to_unit(x[:k][order]), nrow=nrow, padding=2, pad_value=1.0), run_dir / "samples.png")
+    out: dict = {"nfe": nfe, "seconds": seconds, "images_per_second": n / seconds}
+    print(f"{sampler!r}: {n} images, NFE {nfe}, {seconds:.1f} s ({n / seconds:.1f} images/s)")
+    print(f"grid: {run_dir / 'samples.png'}")
+    if not mcfg.get("fid", True):
+        return out
+    try:
+        extractor, classifier = build_extractor(
+            mcfg.get("features", "auto"), dm, mcfg.get("inception_weights"), mcfg.get("classifier_path")
+        )
+    except MissingWeights as err:
+        raise ConfigError(str(err)) from None
+    dev = torch.device(device)
+    metric = FeatureFID(extractor.to(dev))
+    metric.to(dev)
+    real, _ = dm.real_images(n, "train")
+    held_out, _ = dm.real_images(n, "val")
+    real_features = metric.features(real)
+    metric.update_features(real_features, real=True)
+    metric.update(x, real=False)
+    scores = metric.compute()
+    floor = FeatureFID(extractor).to(dev)
+    floor.update_features(real_features, real=True)
+    floor.update(held_out, real=False)
+    floor_scores = floor.compute()
+    m = min(len(real), len(held_out), n)
+    out.update(
+        fid=scores["fid"],
+        kid=scores["kid"],
+        kid_std=scores["kid_std"],
+        fid_floor=floor_scores["fid"],
+        kid_floor=floor_scores["kid"],
+        fid_n=m,
+        features=extractor.name,
+    )
+    print(fid_report(scores["fid"], floor_scores["fid"], m, extractor.name))
+    if m < n:
+        print(f"note: the data has only {m} held-out images, so the floor uses {m} (generated: {n})")
+    if classifier is not None and y is not None:
+        out["class_acc"] = float((classifier.to(dev).predict(x) == y).float().mean())
+        print(f"class accuracy of the samples (classifier's labels vs the requested ones): {out['class_acc']:.3f}")
+    return out
+
+
+def _likelihood(cfg, module, dm, n: int, device: str) -> dict:
+    """Mean negative log-likelihood of ``n`` held-out points (bits/dim for images) by the probability-flow ODE."""
+    lcfg = cfg.nll
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    if dm.kind == "image":
+        x, _ = dm.real_images(n, "val")
+        x = dequantize(x, g)
+    else:
+        x = dm.test_set["x1"][:n]
+    x = x.to(device)
+    velocity, _ = module.vector_fields()
+    t_span = module.objective.sample_time_range(module.path)
+    exact = None if lcfg.get("exact") is None else bool(lcfg.exact)
+    parts, nfe = [], 0
+    for i in range(0, len(x), int(lcfg.get("batch_size", 250))):
+        lp, nfe = log_likelihood(
+            velocity,
+            x[i : i + int(lcfg.get("batch_size", 250))],
+            t_span,
+            exact=exact,
+            probes=int(lcfg.get("probes", 1)),
+            rtol=float(lcfg.get("rtol", 1e-5)),
+            atol=float(lcfg.get("atol", 1e-5)),
+            generator=g,
+        )
+        parts.append(lp.cpu())
+    log_prob = torch.cat(parts)
+    dims = x[0].numel()
+    divergence = (
+        "exact" if (exact if exact is not None else dims <= 16) else f"Hutchinson, {lcfg.get('probes', 1)} probe(s)"
+    )
+    out = {"nll": float(-log_prob.mean()), "nll_n": len(log_prob), "nll_nfe": nfe, "nll_divergence": divergence}
+    if t_span[0] > 0:
+        out["nll_note"] = f"N(0, I) taken at t = {t_span[0]:g} (the objective's sampling range)"
+    if dm.kind == "image":
+        out["bits_per_dim"] = float(bits_per_dim(log_prob, dims).mean())
+        out["dequantisation"] = "uniform: x = 2 (pixel + U) / 256 - 1"
+        n_img = len(log_prob)
+        print(
+            f"NLL: {out['bits_per_dim']:.3f} bits/dim on {n_img} held-out images ({divergence}, uniform dequantisation)"
+        )
+    else:
+        target = getattr(dm.target, "mixture", None)
+        if target is not None:
+            out["nll_exact"] = float(-target.log_prob(x.cpu().double()).mean())
+        exact_txt = f" (exact density: {out['nll_exact']:.4f})" if "nll_exact" in out else ""
+        print(f"NLL: {out['nll']:.4f} nats per point on {len(log_prob)} test points{exact_txt}")
+    return out
+
+
+ROW_KEYS = (
+    "sampler",
+    "steps",
+    "guidance_scale",
+    "n",
+    "nfe",
+    "seconds",
+    "w2",
+    "w2_floor",
+    "fid",
+    "fid_floor",
+    "kid",
+    "class_acc",
+    "nll",
+    "bits_per_dim",
+    "features",
+    "checkpoint",
+)
+
+
+def _append_row(metrics: dict) -> Path | None:
+    """In a multirun, add this job's row to ``<sweep dir>/metrics.csv`` (one row per job)."""
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    table = Path(HydraConfig.get().sweep.dir) / "metrics.csv"
+    job = HydraConfig.get().job.override_dirname
+    row = io.StringIO()
+    writer = csv.writer(row)
+    if not table.exists():
+        writer.writerow(["job", *ROW_KEYS])
+    writer.writerow([job, *(metrics.get(k, "") for k in ROW_KEYS)])
+    with open(table, "a") as fh:  # one write per job: rows of parallel jobs do not interleave
+        fh.write(row.getvalue())
+    return table
 
 
 def main(cfg: DictConfig) -> float:
     try:
-        return sample(cfg)["w2"]
+        metrics = sample(cfg)
+        return metrics.get("w2", metrics.get("fid", float("nan")))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -13,10 +13,12 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
-from flowdiff.callbacks import SamplePlot
+from flowdiff.callbacks import DistributionMetrics, ImageGrid, ImageMetrics, SamplePlot
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module
+from flowdiff.metrics.images import fid_report
 
 log = logging.getLogger("flowdiff")
 
@@ -25,8 +27,12 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Instantiate ``cfg.callbacks`` (entries set to null are off); EMA goes last so samplers see its weights."""
+def build_callbacks(cfg: DictConfig, data_kind: str | None = None) -> list[L.Callback]:
+    """Instantiate ``cfg.callbacks`` (entries set to null are off); EMA goes last so samplers see its weights.
+
+    Callbacks made for one kind of data (``data_kinds``: the 2D plot and W2 for vectors, grids and FID for
+    images) are dropped for the other, so one callback config serves both.
+    """
     specs = {k: v for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
     for name, spec in specs.items():
         if "_target_" not in spec:
@@ -34,7 +40,25 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
                 f"callbacks.{name} has settings but no _target_: set callbacks.{name}=null or give it one"
             )
     ordered = sorted(specs, key=lambda k: k == "ema")
-    return [instantiate(specs[k]) for k in ordered]
+    callbacks = [instantiate(specs[k]) for k in ordered]
+    callbacks = [c for c in callbacks if data_kind is None or data_kind in getattr(c, "data_kinds", (data_kind,))]
+    for c in callbacks:  # monitor=auto: the headline metric of the data kind, if a callback computes it
+        if isinstance(c, ModelCheckpoint) and c.monitor == "auto":
+            metric = {"vector": (DistributionMetrics, "val/w2"), "image": (ImageMetrics, "val/fid")}.get(data_kind)
+            found = metric is not None and any(isinstance(o, metric[0]) for o in callbacks)
+            c.monitor = metric[1] if found else None
+            c.save_top_k = c.save_top_k if found else 1
+    return callbacks + [_ValidationStep()]
+
+
+class _ValidationStep(L.Callback):
+    """Remembers the step of the last validation round, so that the run can end on one (see :func:`fit`)."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -57,14 +81,34 @@ def fit(cfg: DictConfig):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
-    callbacks = build_callbacks(cfg)
+    callbacks = build_callbacks(cfg, datamodule.kind)
+    for c in callbacks:
+        if isinstance(c, ImageMetrics):
+            c.check(datamodule)  # a missing weights file is one sentence now, not after the first epoch
     loggers = build_loggers(cfg)
     for logger in loggers:
         logger.log_hyperparams(module.run_config)  # the resolved config: every choice of the run
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    return module, datamodule, trainer, callbacks, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    finish_on_validation(trainer, module, datamodule, callbacks)
+    return module, datamodule, trainer, callbacks, seconds
+
+
+def finish_on_validation(trainer: L.Trainer, module, datamodule, callbacks: list[L.Callback]) -> None:
+    """When training stopped between validation rounds (``max_steps`` not a multiple of the epoch), validate
+    the final weights and rewrite ``last.ckpt`` from them, so the metrics, plots and checkpoint all describe
+    the model that training ended with."""
+    marker = next((c for c in callbacks if isinstance(c, _ValidationStep)), None)
+    if marker is None or marker.step == trainer.global_step or trainer.limit_val_batches == 0:
+        return
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.save_last and ckpt.dirpath:
+        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        ckpt.last_model_path = str(path)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -77,13 +121,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot = next((c.last_path for c in callbacks if isinstance(c, SamplePlot) and c.last_path), None)
+    grids = next((c.last_paths for c in callbacks if isinstance(c, ImageGrid) and c.last_paths), [])
+    image_metrics = next((c for c in callbacks if isinstance(c, ImageMetrics) and c.metric is not None), None)
     ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
     if trainer.is_global_zero:
         lines = [f"run directory: {run_dir}"]
         if "val/w2" in metrics:
             floor = metrics.get("val/w2_floor", math.nan)
             lines.append(f"val/w2 = {metrics['val/w2']:.4f}  (finite-sample floor at this n: {floor:.4f})")
-        lines += [f"plot: {plot}", f"checkpoint: {ckpt or 'none'}", f"metrics: {run_dir / 'metrics.json'}"]
+        if "val/fid" in metrics and image_metrics is not None:
+            floor = image_metrics.floor or {}
+            lines.append(
+                "val/" + fid_report(metrics["val/fid"], floor.get("fid", math.nan), image_metrics.n, image_metrics.name)
+            )
+            if "val/class_acc" in metrics:
+                lines.append(
+                    f"val/class_acc = {metrics['val/class_acc']:.3f} (classifier's labels of class-conditional samples)"
+                )
+        if plot:
+            lines.append(f"plot: {plot}")
+        lines += [f"grid: {p}" for p in grids]
+        if "perf/samples_per_s" in metrics:
+            lines.append(
+                f"throughput: {metrics['perf/samples_per_s']:.1f} samples/s ({metrics['perf/ms_per_step']:.1f} ms/step)"
+            )
+        lines += [f"checkpoint: {ckpt or 'none'}", f"metrics: {run_dir / 'metrics.json'}"]
         print("\n".join(lines), flush=True)
     return metrics
 

@@ -33,6 +33,8 @@ class ToyDataModule(L.LightningDataModule):
     source, ``x0`` (``(B, 2)``); a Gaussian source is drawn by the model.
     """
 
+    kind = "vector"
+
     def __init__(
         self,
         name: str = "moons",
@@ -65,6 +67,10 @@ class ToyDataModule(L.LightningDataModule):
     @property
     def dim(self) -> int:
         return self.target.dim
+
+    @property
+    def data_shape(self) -> tuple[int]:
+        return (self.target.dim,)
 
     @property
     def num_classes(self) -> int:

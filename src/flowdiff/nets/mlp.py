@@ -23,7 +23,7 @@ class MLP(nn.Module):
     """``depth`` hidden layers of ``width`` units on ``[x, time features, class embedding]``.
 
     Args:
-        dim: data dimension.
+        dim: data dimension (``data_shape``, when given, must be ``(dim,)``).
         width, depth, activation: the body (torchcfm's toy model: 64, 3, selu).
         time_dim: 0 feeds ``t`` itself (as torchcfm does); otherwise that many sinusoidal features.
         num_classes: >0 adds an embedding of ``num_classes + 1`` rows, the last one the null label
@@ -40,8 +40,15 @@ class MLP(nn.Module):
         time_dim: int = 0,
         num_classes: int = 0,
         class_dim: int = 16,
+        data_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
+        if data_shape is not None:
+            if len(data_shape) != 1:
+                raise ValueError(
+                    f"net=mlp is for vectors, but the data has shape {tuple(data_shape)}: use net=unet for images"
+                )
+            dim = int(data_shape[0])
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}")
         self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes

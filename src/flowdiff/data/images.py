@@ -1,0 +1,336 @@
+"""Image data: MNIST, Fashion-MNIST, CIFAR-10 and image folders through torchvision, pixels in [-1, 1].
+
+Batches are dicts ``{"x1": (B, C, H, W) float in [-1, 1], "y": (B,) long}`` (no ``y`` when the data has
+no labels), the same contract as the 2D toys, so the module, samplers, guidance and couplings need
+nothing image-specific.
+
+Splits: MNIST, Fashion-MNIST and CIFAR-10 train on their training split and validate on their test
+split (``train=False`` in torchvision); an image folder holds out ``val_fraction`` of its files, drawn
+with ``seed``. FID references are drawn from the training split and the FID floor compares them with
+the same number of held-out images (see :meth:`ImageDataModule.real_images`).
+
+Nothing is downloaded unless ``download=True``: offline, missing files stop the run with one sentence
+that names the files expected under ``root``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torchvision import datasets
+from torchvision import transforms as T
+
+
+class DataError(ValueError):
+    """Data that cannot be read as configured; the message names the files and the fix."""
+
+
+def to_unit(x: Tensor) -> Tensor:
+    """Model space [-1, 1] -> pixel space [0, 1] (clamped)."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def to_model(x: Tensor) -> Tensor:
+    """Pixel space [0, 1] -> model space [-1, 1]."""
+    return x * 2 - 1
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Model space [-1, 1] -> uint8 pixels (rounded), the format FID extractors expect."""
+    return (to_unit(x) * 255).round().to(torch.uint8)
+
+
+class _CIFAR10Files(datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader; ``verify_md5=False`` accepts files of the right format but other content
+    (the tests' tiny pickled batches). The format and the file names are torchvision's."""
+
+    def __init__(self, *args, verify_md5: bool = True, **kwargs) -> None:
+        self._verify_md5 = verify_md5
+        super().__init__(*args, **kwargs)
+
+    def _check_integrity(self) -> bool:
+        if self._verify_md5:
+            return super()._check_integrity()
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:
+        if self._verify_md5:
+            return super()._load_meta()
+        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as fh:
+            self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+#: the files torchvision reads for each dataset, relative to ``root`` (named in the offline error)
+EXPECTED_FILES: dict[str, list[str]] = {
+    "mnist": [
+        "MNIST/raw/train-images-idx3-ubyte",
+        "MNIST/raw/train-labels-idx1-ubyte",
+        "MNIST/raw/t10k-images-idx3-ubyte",
+        "MNIST/raw/t10k-labels-idx1-ubyte",
+    ],
+    "fashion_mnist": [
+        "FashionMNIST/raw/train-images-idx3-ubyte",
+        "FashionMNIST/raw/train-labels-idx1-ubyte",
+        "FashionMNIST/raw/t10k-images-idx3-ubyte",
+        "FashionMNIST/raw/t10k-labels-idx1-ubyte",
+    ],
+    "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
+    + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
+    "image_folder": ["<class name>/<image file> (one sub-folder per class)"],
+}
+
+#: channels and native size of each dataset (an image folder is read as configured)
+NATIVE_SHAPE: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
+NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+
+
+def _collate(items: list[tuple[Tensor, int]], labels: bool) -> dict[str, Tensor]:
+    x = torch.stack([im for im, _ in items])
+    batch = {"x1": x}
+    if labels:
+        batch["y"] = torch.tensor([int(y) for _, y in items], dtype=torch.long)
+    return batch
+
+
+class _Collate:
+    """A picklable collate (worker processes need one): tuples -> ``{"x1", "y"}`` dicts."""
+
+    def __init__(self, labels: bool) -> None:
+        self.labels = labels
+
+    def __call__(self, items):
+        return _collate(items, self.labels)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """One of ``mnist``, ``fashion_mnist``, ``cifar10`` or ``image_folder`` under ``root``.
+
+    Args:
+        dataset: which reader to use.
+        root: torchvision's ``root`` (e.g. ``../shared/data/mnist-5k``), or the image folder itself.
+        download: fetch the files if missing (needs internet; never done unless asked).
+        image_size: resize to ``image_size x image_size`` (bilinear, antialiased); ``None`` keeps the
+            native size (an image folder then needs it).
+        pad: zero-pad (in [-1, 1] space: black) by this many pixels on each side, after resizing.
+        hflip: random horizontal flips while training (CIFAR-10's usual augmentation).
+        labels: give class labels (for an image folder: its sub-folder names); ``False`` for none.
+        channels: 1 (grayscale) or 3 (RGB) for an image folder; fixed by the dataset otherwise.
+        val_fraction: image folders only: the share of files held out for validation.
+        n_val: at most this many validation images per validation round (the first of a fixed order).
+        steps_per_epoch: training batches between validation rounds (drawn without replacement, passing
+            over the data again as needed); ``None``: one pass over the training split.
+        batch_size, num_workers, pin_memory, persistent_workers: the DataLoader's.
+        verify_md5: check CIFAR-10's files against torchvision's checksums.
+        seed: the hold-out split and the reference subsets.
+    """
+
+    kind = "image"
+    gaussian_source = True
+    source_name = "gaussian"
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        root: str = "data",
+        download: bool = False,
+        image_size: int | None = None,
+        pad: int = 0,
+        hflip: bool = False,
+        labels: bool = True,
+        channels: int = 3,
+        val_fraction: float = 0.1,
+        n_val: int = 1000,
+        steps_per_epoch: int | None = None,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        verify_md5: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset not in EXPECTED_FILES:
+            raise DataError(f"data.dataset={dataset} is unknown; choose one of {', '.join(EXPECTED_FILES)}")
+        if channels not in (1, 3):
+            raise DataError(f"data.channels={channels} is invalid: use 1 (grayscale) or 3 (RGB)")
+        if not 0 < val_fraction < 1:
+            raise DataError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
+        self.name = dataset
+        self.root = Path(root).expanduser()
+        self.download = download
+        self.image_size, self.pad, self.hflip = image_size, pad, hflip
+        self.labels = labels
+        self.val_fraction, self.n_val, self.steps_per_epoch = val_fraction, n_val, steps_per_epoch
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.verify_md5 = verify_md5
+        self.seed = seed
+        if dataset == "image_folder":
+            if image_size is None:
+                raise DataError("data=image_folder needs data.image_size: its files may differ in size")
+            self._channels = channels
+            self._classes = self._folder_classes()
+        else:
+            self._channels = NATIVE_SHAPE[dataset][0]
+            self._classes = NUM_CLASSES[dataset]
+            if not download and not all((self.root / f).is_file() for f in EXPECTED_FILES[dataset]):
+                raise self._missing()  # at start-up, not deep inside the first epoch
+        self._train: Dataset | None = None
+        self._val: Dataset | None = None
+
+    # ------------------------------------------------------------------ what the model needs to know
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        size = self.image_size or NATIVE_SHAPE[self.name][1]
+        return (self._channels, size + 2 * self.pad, size + 2 * self.pad)
+
+    @property
+    def num_classes(self) -> int:
+        return self._classes if self.labels else 0
+
+    @property
+    def split(self) -> str:
+        if self.name == "image_folder":
+            return (
+                f"{1 - self.val_fraction:.0%} of the files train, {self.val_fraction:.0%} validate (seed {self.seed})"
+            )
+        return "train split trains, test split validates"
+
+    # ------------------------------------------------------------------ reading
+    def _transform(self, train: bool) -> T.Compose:
+        steps: list[Any] = []
+        if self.name == "image_folder":
+            steps += [T.Grayscale(1) if self._channels == 1 else T.Lambda(_rgb)]
+        if self.image_size is not None:
+            steps += [T.Resize(self.image_size, antialias=True), T.CenterCrop(self.image_size)]
+        if train and self.hflip:
+            steps.append(T.RandomHorizontalFlip())
+        steps += [T.ToTensor(), T.Lambda(to_model)]
+        if self.pad:
+            steps.append(T.Pad(self.pad, fill=-1.0))
+        return T.Compose(steps)
+
+    def _missing(self) -> DataError:
+        files = ", ".join(str(self.root / f) for f in EXPECTED_FILES[self.name])
+        return DataError(
+            f"data={self.name} found no dataset under data.root={self.root}: expected {files}; "
+            "point data.root at the folder that holds them, or set data.download=true to fetch them"
+        )
+
+    def _read(self, train: bool) -> Dataset:
+        tf = self._transform(train)
+        try:
+            if self.name == "mnist":
+                return datasets.MNIST(str(self.root), train=train, transform=tf, download=self.download)
+            if self.name == "fashion_mnist":
+                return datasets.FashionMNIST(str(self.root), train=train, transform=tf, download=self.download)
+            if self.name == "cifar10":
+                return _CIFAR10Files(
+                    str(self.root), train=train, transform=tf, download=self.download, verify_md5=self.verify_md5
+                )
+        except RuntimeError as err:
+            if "not found" in str(err).lower() or "download" in str(err).lower():
+                if all((self.root / f).is_file() for f in EXPECTED_FILES[self.name]):
+                    raise DataError(
+                        f"data={self.name}: the files under {self.root} do not match torchvision's checksums "
+                        "(corrupted or another dataset): fetch them again, or set data.verify_md5=false to read them"
+                    ) from None
+                raise self._missing() from None
+            raise
+        except (pickle.UnpicklingError, EOFError) as err:
+            raise DataError(f"data={self.name}: a file under {self.root} is not a CIFAR-10 batch ({err})") from None
+        return self._folder(train, tf)
+
+    def _folder_classes(self) -> int:
+        if not self.root.is_dir():
+            raise self._missing()
+        classes = [p for p in self.root.iterdir() if p.is_dir()]
+        if not classes:
+            raise DataError(
+                f"data=image_folder found no class sub-folders under {self.root}: put images in "
+                f"{self.root}/<class name>/ (one folder with everything is one class)"
+            )
+        return len(classes)
+
+    def _folder(self, train: bool, tf) -> Dataset:
+        full = datasets.ImageFolder(str(self.root), transform=tf)
+        order = np.random.default_rng(self.seed).permutation(len(full))
+        n_val = max(1, int(round(self.val_fraction * len(full))))
+        return Subset(full, order[n_val:].tolist() if train else order[:n_val].tolist())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is None:
+            self._train = self._read(train=True)
+            self._val = self._read(train=False)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        workers = self.num_workers
+        sampler = None
+        if shuffle:
+            g = torch.Generator().manual_seed(self.seed)
+            n = None if self.steps_per_epoch is None else self.steps_per_epoch * self.batch_size
+            sampler = RandomSampler(dataset, num_samples=n, generator=g)
+            drop_last = drop_last and len(sampler) >= self.batch_size  # a tiny dataset still gives a batch
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=_Collate(self.labels),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self._train, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        n = min(self.n_val, len(self._val))
+        return self._loader(Subset(self._val, range(n)), shuffle=False, drop_last=False)
+
+    def real_images(self, n: int, split: str = "train", offset: int = 0) -> tuple[Tensor, Tensor]:
+        """``n`` real images ``(n, C, H, W)`` in [-1, 1] (no augmentation) and their labels, from a fixed random
+        order of ``split`` (``train`` or ``val``) starting at ``offset``; fewer if the split is smaller."""
+        self.setup()
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be train or val, got {split!r}")
+        base = self._read(train=False) if split == "val" else self._unaugmented_train()
+        order = np.random.default_rng(self.seed + (0 if split == "train" else 1)).permutation(len(base))
+        idx = order[offset : offset + n].tolist()
+        loader = DataLoader(Subset(base, idx), batch_size=500, num_workers=0, collate_fn=_Collate(True))
+        xs, ys = zip(*[(b["x1"], b["y"]) for b in loader]) if idx else ((), ())
+        if not xs:
+            return torch.zeros(0, *self.data_shape), torch.zeros(0, dtype=torch.long)
+        return torch.cat(xs), torch.cat(ys)
+
+    def _unaugmented_train(self) -> Dataset:
+        flip, self.hflip = self.hflip, False
+        try:
+            return self._read(train=True)
+        finally:
+            self.hflip = flip
+
+    def __len__(self) -> int:
+        self.setup()
+        return len(self._train)
+
+
+def _rgb(image):
+    return image.convert("RGB")

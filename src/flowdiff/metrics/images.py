@@ -1,0 +1,167 @@
+"""FID and KID of images through torchmetrics, with a feature extractor that is named and swappable.
+
+* :class:`InceptionFeatures`: torch-fidelity's InceptionV3 (the network every published FID uses), read
+  from a local weights file (``pt_inception-2015-12-05-6726825d.pth``); nothing is downloaded.
+* :class:`ClassifierFeatures`: the penultimate layer of a small digit classifier trained on the data
+  (:mod:`flowdiff.metrics.classifier`), an offline "classifier FID" for MNIST-like data.
+* :class:`FeatureFID` computes FID and KID (torchmetrics' ``FrechetInceptionDistance`` and
+  ``KernelInceptionDistance``) from features computed once per image, so both metrics share them.
+  torchmetrics keeps sums of features as metric states, so under DDP every rank updates with its own
+  images and ``compute`` reduces over ranks once.
+
+Every FID should be printed beside its floor (FID between two disjoint real sets of the same size, which
+no model can beat at that size) and the extractor's name; :func:`fid_report` formats that line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from flowdiff.data.images import to_uint8
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+
+
+class MissingWeights(FileNotFoundError):
+    """A feature extractor's weights file is not where the config says; the message says what to fetch."""
+
+
+class FeatureExtractor(nn.Module):
+    """Images in [-1, 1] ``(B, C, H, W)`` -> features ``(B, num_features)``; ``name`` says which network."""
+
+    name: str = "features"
+    num_features: int = 0
+
+
+class InceptionFeatures(FeatureExtractor):
+    """The 2048-d pool features of torch-fidelity's InceptionV3 (uint8 input, resized to 299 inside)."""
+
+    num_features = 2048
+
+    def __init__(self, weights_path: str | Path | None) -> None:
+        super().__init__()
+        path = self.check(weights_path)
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=[str(self.num_features)], feature_extractor_weights_path=str(path)
+        )
+        self.name = f"InceptionV3 ({path.name})"
+
+    @staticmethod
+    def check(weights_path: str | Path | None) -> Path:
+        """The weights file's path, or :class:`MissingWeights` saying what to fetch and where to put it."""
+        path = Path(weights_path).expanduser() if weights_path else None
+        if path is None or not path.is_file():
+            raise MissingWeights(
+                f"FID with Inception features needs torch-fidelity's weights file, not found at {path}: "
+                f"fetch {INCEPTION_URL} on a machine with internet, save it as {INCEPTION_FILE} and pass its path "
+                "as callbacks.image_metrics.inception_weights=PATH (train.py) or metrics.inception_weights=PATH "
+                "(sample.py)"
+            )
+        return path
+
+    def forward(self, x: Tensor) -> Tensor:
+        u8 = to_uint8(x)
+        if u8.shape[1] == 1:
+            u8 = u8.expand(-1, 3, -1, -1)
+        return self.net(u8)
+
+
+class ClassifierFeatures(FeatureExtractor):
+    """The penultimate layer of a trained :class:`~flowdiff.metrics.classifier.DigitClassifier`."""
+
+    def __init__(self, classifier: nn.Module, name: str = "digit classifier") -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = classifier.num_features
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier.features(x)
+
+
+class _Precomputed(nn.Module):
+    """Hands features already computed to torchmetrics unchanged."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+class FeatureFID(nn.Module):
+    """FID and KID between real and generated images in one feature space.
+
+    Args:
+        extractor: images -> features.
+        kid_subset_size: KID's subset size (lowered to the sample count when fewer are given).
+        batch_size: images per extractor forward.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, kid_subset_size: int = 1000, batch_size: int = 250) -> None:
+        super().__init__()
+        self.extractor = extractor.eval()
+        self.batch_size = batch_size
+        dim = extractor.num_features
+        self.fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False)
+        self.kid = KernelInceptionDistance(
+            feature=_Precomputed(dim), subset_size=kid_subset_size, reset_real_features=False
+        )
+        self.kid_subset_size = kid_subset_size
+
+    @property
+    def name(self) -> str:
+        return self.extractor.name
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Features ``(N, D)`` (float64) of images ``(N, C, H, W)`` in [-1, 1], in batches, on the metric's device."""
+        device = self.fid.device
+        parts = [
+            self.extractor(images[i : i + self.batch_size].to(device)).double()
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(parts)
+
+    def update_features(self, features: Tensor, real: bool) -> None:
+        self.fid.update(features, real=real)
+        self.kid.update(features, real=real)
+
+    def update(self, images: Tensor, real: bool) -> None:
+        self.update_features(self.features(images), real)
+
+    def reset_fake(self) -> None:
+        """Forget the generated images, keep the real ones (their features are computed once)."""
+        self.fid.reset()
+        self.kid.reset()
+
+    def compute(self) -> dict[str, float]:
+        """``fid``, ``kid`` and ``kid_std`` over everything updated so far (reduced over DDP ranks)."""
+        n = min(int(self.fid.real_features_num_samples), int(self.fid.fake_features_num_samples))
+        self.kid.subset_size = min(self.kid_subset_size, n)
+        kid_mean, kid_std = self.kid.compute()
+        return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def fid_between(extractor: FeatureExtractor, a: Tensor, b: Tensor) -> dict[str, float]:
+    """FID and KID between two image sets (e.g. the floor: two disjoint real sets of the same size)."""
+    metric = FeatureFID(extractor).to(next(extractor.parameters(), torch.zeros(())).device)
+    metric.update(a, real=True)
+    metric.update(b, real=False)
+    return metric.compute()
+
+
+def fid_report(fid: float, floor: float, n: int, extractor: str) -> str:
+    """One line: the FID, its real-vs-real floor at the same ``n`` and the feature extractor."""
+    return f"FID {fid:.2f} (real-vs-real floor {floor:.2f}; n = {n}; features: {extractor})"
