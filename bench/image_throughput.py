@@ -120,7 +120,9 @@ def main() -> None:
     ]
     for key, r in rows.items():
         net, mode = key.split(" | ")
-        lines.append(f"| {net} | {mode} | {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {base / r['ms_per_step']:.2f}x |")
+        lines.append(
+            f"| {net} | {mode} | {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {base / r['ms_per_step']:.2f}x |"
+        )
     print("\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,7 @@ TINY_IMAGES = [
     "callbacks.grid.n=4",
     "callbacks.grid.guidance_scales=[1.0,3.0]",
     "callbacks.image_metrics.n=20",
+    "callbacks.image_metrics.kid_subsets=5",
     "callbacks.progress_bar=null",
     "trainer.enable_progress_bar=false",
 ]

@@ -3,6 +3,7 @@
 import sys
 
 import pytest
+
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))

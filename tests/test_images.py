@@ -62,6 +62,7 @@ def test_cifar_batches_and_flip(files):
     assert real.shape == (5 * 24, 3, 32, 32)  # five training batches
     # every training image is either a real one or its mirror image, and some are flipped
     flat, mirrored = real.flatten(1), real.flip(-1).flatten(1)
+
     def matches(a, b):
         return (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").min(1).values < 1e-4).sum()
 
@@ -102,8 +103,14 @@ def test_course_unet_shapes(size, labels):
 
 @pytest.mark.parametrize("size", [28, 32])
 def test_adm_unet_shapes_and_channels_last(size):
-    net = ADMUNet(data_shape=(3, size, size), channels=32, channel_mult=(1, 2), attention_resolutions=(size // 2,),
-                  head_channels=16, num_classes=10).eval()
+    net = ADMUNet(
+        data_shape=(3, size, size),
+        channels=32,
+        channel_mult=(1, 2),
+        attention_resolutions=(size // 2,),
+        head_channels=16,
+        num_classes=10,
+    ).eval()
     for p in net.parameters():  # leave the zero-initialised layers non-zero so the comparison means something
         p.data.normal_(0, 0.05)
     x, t, y = torch.randn(2, 3, size, size), torch.rand(2), torch.tensor([3, 10])
@@ -130,17 +137,24 @@ def test_nets_refuse_the_wrong_data(tmp_path, files):
 
 def test_guidance_on_a_unet_at_w1_and_w0():
     torch.manual_seed(0)
-    net = CourseUNet(data_shape=(1, 16, 16), channels=(8, 16), num_residual_layers=1, t_embed_dim=8, y_embed_dim=8,
-                     num_classes=10)
-    module = FlowModule(net, GaussianPath(CondOTSchedule()), Objective.from_name("cfm"), (1, 16, 16),
-                        guidance=ClassifierFreeGuidance(null_label=10)).eval()
+    net = CourseUNet(
+        data_shape=(1, 16, 16), channels=(8, 16), num_residual_layers=1, t_embed_dim=8, y_embed_dim=8, num_classes=10
+    )
+    module = FlowModule(
+        net,
+        GaussianPath(CondOTSchedule()),
+        Objective.from_name("cfm"),
+        (1, 16, 16),
+        guidance=ClassifierFreeGuidance(null_label=10),
+    ).eval()
     x, t, y = torch.randn(4, 1, 16, 16), torch.rand(4), torch.tensor([1, 2, 3, 4])
     with torch.no_grad():
         cond, uncond = net(x, t, y), net(x, t, None)
         torch.testing.assert_close(module.prediction(x, t, y, guidance_scale=1.0), cond)
         torch.testing.assert_close(module.prediction(x, t, y, guidance_scale=0.0), uncond)
-        torch.testing.assert_close(module.prediction(x, t, y, guidance_scale=3.0), uncond + 3 * (cond - uncond),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            module.prediction(x, t, y, guidance_scale=3.0), uncond + 3 * (cond - uncond), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_label_dropout_happens_in_training():
@@ -156,8 +170,13 @@ def test_label_dropout_happens_in_training():
             seen.append(y.clone())
             return x * self.w
 
-    module = FlowModule(Spy(), GaussianPath(CondOTSchedule()), Objective.from_name("cfm"), (1, 4, 4),
-                        guidance=ClassifierFreeGuidance(null_label=10, p_uncond=0.5))
+    module = FlowModule(
+        Spy(),
+        GaussianPath(CondOTSchedule()),
+        Objective.from_name("cfm"),
+        (1, 4, 4),
+        guidance=ClassifierFreeGuidance(null_label=10, p_uncond=0.5),
+    )
     module.train()
     module.loss({"x1": torch.randn(2000, 1, 4, 4), "y": torch.randint(0, 10, (2000,))})
     share = (seen[-1] == 10).float().mean()
@@ -173,8 +192,12 @@ def test_train_a_few_steps_on_each_format(data, files, tmp_path):
     extra = {
         "mnist": ["guidance=cfg", f"callbacks.image_metrics.classifier_path={files / 'clf1.pt'}"],
         "cifar10": ["data.verify_md5=false", "callbacks.image_metrics=null"],
-        "image_folder": ["data.image_size=16", "guidance=cfg", "callbacks.image_metrics.features=classifier",
-                         f"callbacks.image_metrics.classifier_path={files / 'clf3.pt'}"],
+        "image_folder": [
+            "data.image_size=16",
+            "guidance=cfg",
+            "callbacks.image_metrics.features=classifier",
+            f"callbacks.image_metrics.classifier_path={files / 'clf3.pt'}",
+        ],
     }[data]
     cfg = compose_cfg([f"data={data}", f"data.root={root}", *TINY_UNET, *TINY_IMAGES, *extra], tmp_path)
     metrics = train(cfg)

@@ -151,6 +151,7 @@ class ImageMetrics(_EveryN):
         inception_weights: path of torch-fidelity's ``pt_inception-2015-12-05-6726825d.pth``.
         classifier_path: a classifier file (default: the cache, trained on first use).
         guidance_scale: the ``w`` of the evaluated samples (default: the model's).
+        kid_subsets: KID's number of subsets.
         extractor: a ready feature extractor (tests); overrides ``features``.
     """
 
@@ -161,6 +162,7 @@ class ImageMetrics(_EveryN):
         inception_weights: str | None = None,
         classifier_path: str | None = None,
         guidance_scale: float | None = None,
+        kid_subsets: int = 100,
         batch_size: int = 500,
         seed: int = 1234,
         every_n_epochs: int = 1,
@@ -169,7 +171,7 @@ class ImageMetrics(_EveryN):
         super().__init__(every_n_epochs)
         self.n, self.features, self.batch_size, self.seed = n, features, batch_size, seed
         self.inception_weights, self.classifier_path = inception_weights, classifier_path
-        self.guidance_scale = guidance_scale
+        self.guidance_scale, self.kid_subsets = guidance_scale, kid_subsets
         self.extractor = extractor
         self.classifier: torch.nn.Module | None = None
         self.metric: FeatureFID | None = None
@@ -198,13 +200,13 @@ class ImageMetrics(_EveryN):
             self.extractor, self.classifier = build_extractor(
                 self.features, datamodule, self.inception_weights, self.classifier_path
             )
-        self.metric = FeatureFID(self.extractor).to(device)
+        self.metric = FeatureFID(self.extractor, kid_subsets=self.kid_subsets).to(device)
         real, _ = datamodule.real_images(self.n, "train")
         held_out, _ = datamodule.real_images(self.n, "val")
         real_features = self.metric.features(real)
         self.metric.update_features(real_features, real=True)
         if len(held_out) >= 2:
-            floor_metric = FeatureFID(self.extractor).to(device)
+            floor_metric = FeatureFID(self.extractor, kid_subsets=self.kid_subsets).to(device)
             floor_metric.update_features(real_features, real=True)
             floor_metric.update(held_out, real=False)
             self.floor = floor_metric.compute()

@@ -9,9 +9,10 @@ import torch
 
 
 class Throughput(L.Callback):
-    """Times training steps ``skip`` to the last (the first ones pay for compilation and warm-up) and puts
-    ``perf/samples_per_s`` and ``perf/ms_per_step`` into the run's metrics. Validation time is excluded;
-    the GPU is synchronised only at the ends of each timed stretch."""
+    """Times training steps ``skip`` to the last (the first ones pay for compilation and warm-up);
+    :meth:`result` gives ``perf/samples_per_s`` (all ranks) and ``perf/ms_per_step``, which ``train.py`` adds
+    to the run's metrics. Validation time is excluded; the GPU is synchronised only at the ends of each
+    timed stretch."""
 
     def __init__(self, skip: int = 50) -> None:
         self.skip = skip
@@ -45,7 +46,13 @@ class Throughput(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._stop(pl_module)
-        if self.steps and self.seconds > 0:
-            world = trainer.world_size
-            trainer.callback_metrics["perf/samples_per_s"] = torch.tensor(world * self.samples / self.seconds)
-            trainer.callback_metrics["perf/ms_per_step"] = torch.tensor(1000 * self.seconds / self.steps)
+        self.world = trainer.world_size
+
+    def result(self) -> dict[str, float]:
+        if not self.steps or self.seconds <= 0:
+            return {}
+        return {
+            "perf/samples_per_s": getattr(self, "world", 1) * self.samples / self.seconds,
+            "perf/ms_per_step": 1000 * self.seconds / self.steps,
+            "perf/timed_steps": self.steps,
+        }

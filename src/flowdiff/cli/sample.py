@@ -159,7 +159,8 @@ def _sample_images(cfg, module, dm, sampler, scale, n, run_dir: Path, device: st
     except MissingWeights as err:
         raise ConfigError(str(err)) from None
     dev = torch.device(device)
-    metric = FeatureFID(extractor.to(dev))
+    kid_subsets = int(mcfg.get("kid_subsets", 100))
+    metric = FeatureFID(extractor.to(dev), kid_subsets=kid_subsets)
     metric.to(dev)
     real, _ = dm.real_images(n, "train")
     held_out, _ = dm.real_images(n, "val")
@@ -167,7 +168,7 @@ def _sample_images(cfg, module, dm, sampler, scale, n, run_dir: Path, device: st
     metric.update_features(real_features, real=True)
     metric.update(x, real=False)
     scores = metric.compute()
-    floor = FeatureFID(extractor).to(dev)
+    floor = FeatureFID(extractor, kid_subsets=kid_subsets).to(dev)
     floor.update_features(real_features, real=True)
     floor.update(held_out, real=False)
     floor_scores = floor.compute()

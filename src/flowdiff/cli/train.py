@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
-from flowdiff.callbacks import DistributionMetrics, ImageGrid, ImageMetrics, SamplePlot
+from flowdiff.callbacks import DistributionMetrics, ImageGrid, ImageMetrics, SamplePlot, Throughput
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module
 from flowdiff.metrics.images import fid_report
 
@@ -115,6 +115,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train one model; returns the final metrics (also written to ``<run_dir>/metrics.json``)."""
     _, _, trainer, callbacks, seconds = fit(cfg)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for c in callbacks:
+        if isinstance(c, Throughput):
+            metrics.update(c.result())
     metrics["train_seconds"] = seconds
     metrics["global_step"] = trainer.global_step
     run_dir = Path(cfg.run_dir)

@@ -106,17 +106,20 @@ class FeatureFID(nn.Module):
     Args:
         extractor: images -> features.
         kid_subset_size: KID's subset size (lowered to the sample count when fewer are given).
+        kid_subsets: KID's number of subsets (torchmetrics' default 100; its cost grows linearly).
         batch_size: images per extractor forward.
     """
 
-    def __init__(self, extractor: FeatureExtractor, kid_subset_size: int = 1000, batch_size: int = 250) -> None:
+    def __init__(
+        self, extractor: FeatureExtractor, kid_subset_size: int = 1000, kid_subsets: int = 100, batch_size: int = 250
+    ) -> None:
         super().__init__()
         self.extractor = extractor.eval()
         self.batch_size = batch_size
         dim = extractor.num_features
         self.fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False)
         self.kid = KernelInceptionDistance(
-            feature=_Precomputed(dim), subset_size=kid_subset_size, reset_real_features=False
+            feature=_Precomputed(dim), subsets=kid_subsets, subset_size=kid_subset_size, reset_real_features=False
         )
         self.kid_subset_size = kid_subset_size
 
@@ -154,9 +157,9 @@ class FeatureFID(nn.Module):
         return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def fid_between(extractor: FeatureExtractor, a: Tensor, b: Tensor) -> dict[str, float]:
+def fid_between(extractor: FeatureExtractor, a: Tensor, b: Tensor, kid_subsets: int = 100) -> dict[str, float]:
     """FID and KID between two image sets (e.g. the floor: two disjoint real sets of the same size)."""
-    metric = FeatureFID(extractor).to(next(extractor.parameters(), torch.zeros(())).device)
+    metric = FeatureFID(extractor, kid_subsets=kid_subsets).to(next(extractor.parameters(), torch.zeros(())).device)
     metric.update(a, real=True)
     metric.update(b, real=False)
     return metric.compute()
