@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export WANDB_MODE ?= offline
 
-.PHONY: install train test test-all lint bench clean
+.PHONY: install train test test-all lint bench classifier clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-all: install
 lint: install
 	$(PY) -m ruff check src tests bench train.py sample.py
 	$(PY) -m ruff format --check src tests bench train.py sample.py
+
+# the MNIST digit classifier behind "classifier FID" (trained once, cached under ~/.cache/flowdiff/classifiers)
+classifier: install
+	$(PY) -m flowdiff.metrics.classifier $(ARGS)
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"

@@ -2,12 +2,14 @@
 # One prepared run on a lent GPU machine (no network there), within one 10-minute call.
 # Wheels for what its image lacks travel in .whl/ and MNIST-5k in .gpu_data/ (both git-ignored):
 #   device run: carry [".whl", ".gpu_data"], command "bash bench/gpu_check.sh"
-# Stages, most important first, each with its own limit inside an overall deadline:
-#   1. CIFAR UNet training throughput, flowdiff's ADMUNet vs torchcfm's UNetModelWrapper (raw loop)
-#   2. train.py experiment=cifar10 (Lightning, bf16 + channels-last + compile) on CIFAR-format files
-#   3. sampling 10,000 CIFAR-sized images at 100 NFE from that checkpoint
-#   4. the full lab 3 (experiment=lab3_mnist, 5,000 steps, batch 250) and sample.py -m guidance.scale=1,3,5
-#   5. bits/dim on MNIST-5k; 6. the GPU tests
+# Stages (STAGES picks and orders them; each has its own limit inside an overall DEADLINE). The first H200 run
+# (2026-11-27) took: tests 20 s, throughput 110 s+ (cudnn autotuning of torchcfm's net costs 15-30 s a mode),
+# cifar_train 170 s+ (compile 70 s), 5,000 sampled images 63 s, lab 3 about 60 ms a step before the fused EMA:
+# one call does not hold them all, so a session runs the ones its issue needs.
+#   pytest      the GPU tests
+#   throughput  CIFAR UNet training, flowdiff's ADMUNet vs torchcfm's UNetModelWrapper, one raw loop
+#   cifar       train.py experiment=cifar10 (Lightning, bf16 + channels-last + compile), then 10,000 samples at 100 NFE
+#   lab3        the full lab 3 (5,000 steps, batch 250), sample.py -m guidance.scale=1,3,5, bits/dim
 # QUICK=1 shrinks every stage (to check the script on a CPU machine). Work happens in $W; at the end the logs,
 # metrics and grids are packed into $OUT/results.tgz (the device tool brings back at most 8 files).
 set -u
@@ -40,49 +42,48 @@ if [ "$QUICK" = 1 ]; then TRAINER=trainer=cpu; DEVICE=cpu; fi
 q() { if [ "$QUICK" = 1 ]; then echo "$2"; else echo "$1"; fi; }
 COMMON="callbacks.progress_bar=null trainer.enable_progress_bar=false"
 
-# 1. raw-loop throughput, both nets, same loop
-stage throughput 110 python3 bench/image_throughput.py --device $DEVICE --warmup $(q 10 1) --steps $(q 40 10) \
-  --batch $(q 128 4) --out "$OUT/image_throughput.json"
-cat "$OUT/image_throughput.md" 2>/dev/null || tail -5 "$OUT/throughput.log"
-
-# 2. train.py experiment=cifar10 on CIFAR-format files (random pixels: throughput only)
-python3 -c "
+STAGES=${STAGES:-pytest lab3 throughput cifar}
+for s in $STAGES; do
+case $s in
+pytest)
+  stage pytest_gpu 60 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py
+  tail -3 "$OUT/pytest_gpu.log" ;;
+throughput)
+  stage throughput 150 python3 bench/image_throughput.py --device $DEVICE --warmup $(q 10 1) --steps $(q 40 10) \
+    --batch $(q 128 4) --modes fp32,bf16_cl $( [ "$QUICK" = 1 ] || echo --compile ) --out "$OUT/image_throughput.json"
+  cat "$OUT/image_throughput.md" 2>/dev/null || tail -5 "$OUT/throughput.log" ;;
+cifar)
+  python3 -c "
 import numpy as np, sys
 from flowdiff.data.formats import write_cifar10
 r = np.random.default_rng(0); n = int(sys.argv[1])
 write_cifar10('/tmp/fakecifar', r.integers(0, 256, (n, 32, 32, 3)), r.integers(0, 10, n))
 " $(q 2000 16)
-stage cifar_train 170 python3 train.py experiment=cifar10 $TRAINER data.root=/tmp/fakecifar data.verify_md5=false \
-  trainer.max_steps=$(q 400 4) data.steps_per_epoch=100000 data.n_val=$(q 512 8) data.batch_size=$(q 128 4) \
-  callbacks.image_metrics=null callbacks.grid=null callbacks.throughput.skip=$(q 150 1) compile=$(q true false) \
-  $COMMON hydra.run.dir="$OUT/cifar"
-grep -E "throughput|checkpoint:" "$OUT/cifar_train.log" || tail -5 "$OUT/cifar_train.log"
-
-# 3. sampling 10,000 images at 100 NFE (bf16 autocast from the run's precision)
-stage cifar_sample 100 python3 sample.py ckpt="$OUT/cifar/checkpoints/last.ckpt" n=$(q 10000 8) metrics.fid=false \
-  metrics.batch_size=$(q 2500 4) sampler.steps=$(q 100 2) device=$DEVICE hydra.run.dir="$OUT/cifar_sample"
-grep -E "images/s" "$OUT/cifar_sample.log" || tail -5 "$OUT/cifar_sample.log"
-rm -rf "$OUT"/cifar/checkpoints "$OUT"/cifar_sample/samples.pt
-
-# 4. the full lab 3, then the guidance table
-stage lab3 150 python3 train.py experiment=lab3_mnist $TRAINER data.root="$MNIST" data.num_workers=$(q 8 0) \
-  trainer.max_steps=$(q 5000 4) data.steps_per_epoch=$(q 5000 4) sampler.steps=$(q 100 2) \
-  callbacks.image_metrics.n=$(q 1000 50) $COMMON hydra.run.dir="$OUT/lab3"
-grep -E "FID|class_acc|throughput|grid" "$OUT/lab3.log" || tail -8 "$OUT/lab3.log"
-stage lab3_sweep 80 python3 sample.py -m ckpt="$OUT/lab3/checkpoints/last.ckpt" guidance.scale=1,3,5 n=$(q 1000 50) \
-  sampler.steps=$(q 100 2) device=$DEVICE hydra.sweep.dir="$OUT/lab3_sweep"
-cat "$OUT/lab3_sweep/metrics.csv" 2>/dev/null || tail -8 "$OUT/lab3_sweep.log"
-
-# 5. bits/dim of the unconditional (null-label) field on held-out digits
-stage lab3_nll 60 python3 sample.py ckpt="$OUT/lab3/checkpoints/last.ckpt" n=16 metrics.fid=false nll.n=$(q 500 4) \
-  nll.probes=1 device=$DEVICE hydra.run.dir="$OUT/lab3_nll"
-grep -E "bits/dim" "$OUT/lab3_nll.log" || tail -5 "$OUT/lab3_nll.log"
-cp "$OUT"/lab3/grids/last_w*.png "$OUT"/ 2>/dev/null
-rm -rf "$OUT"/lab3/checkpoints "$OUT"/lab3_sweep/*/samples.pt "$OUT"/lab3_nll/samples.pt
-
-# 6. GPU tests
-stage pytest_gpu 60 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py
-tail -3 "$OUT/pytest_gpu.log"
+  stage cifar_train 200 python3 train.py experiment=cifar10 $TRAINER data.root=/tmp/fakecifar data.verify_md5=false \
+    trainer.max_steps=$(q 500 4) data.steps_per_epoch=100000 data.n_val=$(q 512 8) data.batch_size=$(q 128 4) \
+    callbacks.image_metrics=null callbacks.grid=null callbacks.throughput.skip=$(q 200 1) compile=$(q true false) \
+    $COMMON hydra.run.dir="$OUT/cifar"
+  grep -E "throughput|checkpoint:" "$OUT/cifar_train.log" || tail -5 "$OUT/cifar_train.log"
+  stage cifar_sample 150 python3 sample.py ckpt="$OUT/cifar/checkpoints/last.ckpt" n=$(q 10000 8) metrics.fid=false \
+    metrics.batch_size=$(q 2500 4) sampler.steps=$(q 100 2) device=$DEVICE hydra.run.dir="$OUT/cifar_sample"
+  grep -E "images/s" "$OUT/cifar_sample.log" || tail -5 "$OUT/cifar_sample.log"
+  rm -rf "$OUT"/cifar/checkpoints "$OUT"/cifar_sample/samples.pt ;;
+lab3)
+  stage lab3 300 python3 train.py experiment=lab3_mnist $TRAINER data.root="$MNIST" data.num_workers=$(q 8 0) \
+    trainer.max_steps=$(q 5000 4) data.steps_per_epoch=$(q 5000 4) sampler.steps=$(q 100 2) \
+    callbacks.image_metrics.n=$(q 1000 50) $COMMON hydra.run.dir="$OUT/lab3"
+  grep -E "FID|class_acc|throughput|grid" "$OUT/lab3.log" || tail -8 "$OUT/lab3.log"
+  stage lab3_sweep 80 python3 sample.py -m ckpt="$OUT/lab3/checkpoints/last.ckpt" guidance.scale=1,3,5 \
+    n=$(q 1000 50) sampler.steps=$(q 100 2) device=$DEVICE hydra.sweep.dir="$OUT/lab3_sweep"
+  cat "$OUT/lab3_sweep/metrics.csv" 2>/dev/null || tail -8 "$OUT/lab3_sweep.log"
+  stage lab3_nll 60 python3 sample.py ckpt="$OUT/lab3/checkpoints/last.ckpt" n=16 metrics.fid=false \
+    nll.n=$(q 500 4) nll.probes=1 device=$DEVICE hydra.run.dir="$OUT/lab3_nll"
+  grep -E "bits/dim" "$OUT/lab3_nll.log" || tail -5 "$OUT/lab3_nll.log"
+  cp "$OUT"/lab3/grids/last_w*.png "$OUT"/ 2>/dev/null
+  rm -rf "$OUT"/lab3_sweep/*/samples.pt "$OUT"/lab3_nll/samples.pt ;;
+*) echo "unknown stage $s (pytest, throughput, cifar, lab3)" ;;
+esac
+done
 find "$W" -name "*.ckpt" -delete
 (cd "$W" && tar czf "$FINAL/results.tgz" --exclude="*.pt" --exclude="wandb" .)
 cp "$W"/image_throughput.md "$W"/last_w*.png "$FINAL"/ 2>/dev/null

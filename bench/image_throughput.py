@@ -110,7 +110,7 @@ def main() -> None:
         key = "flowdiff ADMUNet | bf16_cl+compile"
         rows[key] = time_loop(ADMUNet(), device, "bf16_cl", args.batch, args.warmup + 5, args.steps, True)
         print(key, rows[key], flush=True)
-    base = rows["torchcfm UNetModelWrapper | fp32"]["ms_per_step"]
+    base = rows.get("torchcfm UNetModelWrapper | fp32", {}).get("ms_per_step", float("nan"))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     lines = [
         f"Raw I-CFM loop, batch {args.batch}, {name}, torch {torch.__version__}; median of blocks of 10 steps.",

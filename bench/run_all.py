@@ -62,6 +62,17 @@ def gpu_section() -> str:
     return "\n\n".join(parts)
 
 
+def images_section() -> str:
+    """Image rows (UNet throughput, lab 3, FID), measured by ``bench/gpu_check.sh`` and the documented CPU runs and
+    kept in docs/bench/images_*.md."""
+    parts = ["## Images"]
+    for path in sorted((ROOT / "docs" / "bench").glob("images_*.md")):
+        parts.append(path.read_text().strip())
+    if len(parts) == 1:
+        parts.append("No image measurements stored yet.")
+    return "\n\n".join(parts)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3,000 steps, 2 seeds, 2,000 evaluation points")
@@ -85,6 +96,7 @@ def main(argv=None):
     sections.append("## Sampler cost curves\n\n" + curves)
     sections.append("## Framework overhead\n\n" + overhead.main([]))
     sections.append(gpu_section())
+    sections.append(images_section())
     sections.append(READING)
     settings = f"{args.steps} training steps, {args.seeds} seeds, n_eval {args.n_eval}"
     text = (

@@ -9,7 +9,7 @@ import torch
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module
 from flowdiff.cli.train import train
 from flowdiff.data.formats import write_cifar10, write_image_folder
-from flowdiff.data.images import ImageDataModule, to_model, to_uint8, to_unit
+from flowdiff.data.images import DataError, ImageDataModule, to_model, to_uint8, to_unit
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.module import FlowModule
 from flowdiff.nets import ADMUNet, CourseUNet
@@ -51,6 +51,15 @@ def test_mnist_idx_files_are_read_with_shape_labels_and_range(files):
     padded = ImageDataModule("mnist", str(files / "mnist"), pad=2, num_workers=0, batch_size=4)
     x = next(iter(padded.train_dataloader()))["x1"]
     assert x.shape == (4, 1, 32, 32) and (x[:, :, :2] == -1).all()
+
+
+def test_fashion_mnist_reads_its_own_folder(tmp_path):
+    tiny_mnist(tmp_path, n_train=20, n_test=10, folder="FashionMNIST")
+    dm = ImageDataModule("fashion_mnist", str(tmp_path), num_workers=0, batch_size=5)
+    x, y = dm.real_images(100, "val")
+    assert x.shape == (10, 1, 28, 28) and sorted(y.tolist()) == list(range(10))
+    with pytest.raises(DataError, match="FashionMNIST/raw/train-images-idx3-ubyte"):
+        ImageDataModule("mnist", str(tmp_path))  # MNIST's files are elsewhere
 
 
 def test_cifar_batches_and_flip(files):
@@ -190,7 +199,7 @@ def test_label_dropout_happens_in_training():
 def test_train_a_few_steps_on_each_format(data, files, tmp_path):
     root = {"mnist": files / "mnist", "cifar10": files / "cifar", "image_folder": files / "folder"}[data]
     extra = {
-        "mnist": ["guidance=cfg", f"callbacks.image_metrics.classifier_path={files / 'clf1.pt'}"],
+        "mnist": ["guidance=cfg", f"callbacks.image_metrics.classifier_path={files / 'clf1.pt'}", "logger=many"],
         "cifar10": ["data.verify_md5=false", "callbacks.image_metrics=null"],
         "image_folder": [
             "data.image_size=16",
@@ -209,3 +218,9 @@ def test_train_a_few_steps_on_each_format(data, files, tmp_path):
         assert metrics["val/fid"] > 0 and 0 <= metrics["val/class_acc"] <= 1
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["global_step"] == 3
+    if data == "mnist":  # the grids reach TensorBoard as images, one tag per guidance scale
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        assert {"samples_w1", "samples_w3"} <= set(events.Tags()["images"])

@@ -1,7 +1,8 @@
 """Callbacks: when to sample, score and plot (2D plots and W2 for vectors, grids and FID for images)."""
 
+from flowdiff.callbacks.ema import EMA
 from flowdiff.callbacks.images import ImageGrid, ImageMetrics
 from flowdiff.callbacks.sampling import DistributionMetrics, SamplePlot, validation_samples
 from flowdiff.callbacks.timing import Throughput
 
-__all__ = ["DistributionMetrics", "ImageGrid", "ImageMetrics", "SamplePlot", "Throughput", "validation_samples"]
+__all__ = ["EMA", "DistributionMetrics", "ImageGrid", "ImageMetrics", "SamplePlot", "Throughput", "validation_samples"]

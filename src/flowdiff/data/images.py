@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import datasets
@@ -275,6 +276,10 @@ class ImageDataModule(L.LightningDataModule):
         if self._train is None:
             self._train = self._read(train=True)
             self._val = self._read(train=False)
+            rank_zero_info(
+                f"data={self.name}: {len(self._train)} training and {len(self._val)} validation images of shape "
+                f"{self.data_shape} ({self.split}; {min(self.n_val, len(self._val))} validate per round)"
+            )
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
