@@ -39,6 +39,16 @@ READING = """## Reading the numbers: targets met and missed
 - **Sampling overhead, target <= 1.05: missed on the GPU** (1.29 on the H200, 1.5 on the H100 before the time-tensor
   change, about 2 with `torch.compile`, whose forwards get faster; 1.1 on CPU): per step the sampler adds the Euler
   update and the conversion to a velocity, a few kernel launches that weigh as much as a forward of this tiny MLP.
+- **Image training, target `train.py experiment=cifar10` >= 1.3x torchcfm's UNet in fp32: missed on the H200
+  (0.60x, 1,163 images/s).** The network itself is not the limit: flowdiff's ADMUNet in a raw loop is 1.07x
+  torchcfm's in fp32, 1.19x in bf16 + channels-last and 1.42x with `torch.compile`. The gap is per-step work around
+  it; the biggest piece found, Lightning's tensor-by-tensor EMA update with two host synchronisations, is now one
+  fused update (`flowdiff.callbacks.EMA`), not yet measured on a GPU. bf16 autocast alone is slower than fp32 for
+  both nets on the H200 (cuDNN runs fp32 convolutions as TF32); channels-last is what makes bf16 pay.
+  diffusers' `UNet2DModel` was not adopted: at the same size it measured slower than torchcfm's UNet (anchor
+  table) and flowdiff's ADMUNet already has torchcfm's architecture to the parameter.
+- **Full lab 3 on a GPU: not measured** (its 150 s slot ended at step 2,250 of 5,000); the CPU-budget version
+  (`lab3_mnist_cpu`) meets the bar: class accuracy 0.80 at w = 1 rising to 1.00 at w = 3.
 - **CFG as one doubled forward** beats two forwards on the GPU; on 2 CPU cores they cost the same.
 - **Minibatch OT, target within 1.5x of an I-CFM step: missed.** Exact OT at batch 256 costs about 10 ms on this CPU
   whichever solver (POT's network simplex, scipy's Hungarian or LAPJV were 10, 18 and 36 ms), against a 4 ms I-CFM

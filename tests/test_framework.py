@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from allpairspy import AllPairs
 from hydra.utils import instantiate
 
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from
@@ -24,36 +25,64 @@ def test_config_groups_are_complete():
     assert GUIDANCE == ["cfg", "none"]
 
 
+COUPLINGS = sorted(p.stem for p in (CONF / "coupling").glob("*.yaml"))
+#: a covering set in which every pair of choices of any two groups occurs (allpairspy): a few dozen runs
+#: instead of the full product, which `make test-all` still runs
+ALL_PAIRS = [tuple(row) for row in AllPairs([PATHS, OBJECTIVES, SAMPLERS, GUIDANCE, COUPLINGS])]
+
+
+def _train_and_sample(path, objective, sampler, guidance, coupling, tmp_path, dm=None):
+    """Compose the choices, take three optimiser steps (the weights move, the loss is finite), sample finite points."""
+    cfg = compose_cfg(
+        [
+            f"path={path}",
+            f"objective={objective}",
+            f"sampler={sampler}",
+            f"guidance={guidance}",
+            f"coupling={coupling}",
+            "data=8gaussians",
+            "sampler.steps=4",
+        ],
+        tmp_path,
+    )
+    dm = dm or build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    opt = module.configure_optimizers()
+    before = [p.detach().clone() for p in module.parameters()]
+    choice = (path, objective, sampler, guidance, coupling)
+    for _ in range(3):
+        loss = module.loss(dm.draw(64))
+        assert torch.isfinite(loss), choice
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    y = torch.randint(0, 8, (32,)) if guidance == "cfg" else None
+    out = module.sample(32, y=y, guidance_scale=2.0 if y is not None else None)
+    assert out.x.shape == (32, 2) and torch.isfinite(out.x).all(), choice
+    return dm
+
+
+def test_the_pairwise_set_covers_every_pair():
+    groups = [PATHS, OBJECTIVES, SAMPLERS, GUIDANCE, COUPLINGS]
+    for i, j in itertools.combinations(range(len(groups)), 2):
+        seen = {(row[i], row[j]) for row in ALL_PAIRS}
+        assert seen == set(itertools.product(groups[i], groups[j]))
+    assert len(ALL_PAIRS) < 60
+
+
+@pytest.mark.parametrize("path,objective,sampler,guidance,coupling", ALL_PAIRS)
+def test_every_pair_of_choices_composes_trains_and_samples(path, objective, sampler, guidance, coupling, tmp_path):
+    _train_and_sample(path, objective, sampler, guidance, coupling, tmp_path)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path,objective", list(itertools.product(PATHS, OBJECTIVES)))
 def test_every_combination_composes_trains_and_samples(path, objective, tmp_path):
-    """All path x objective x sampler x guidance files: compose, three optimiser steps, a finite sample."""
+    """All path x objective x sampler x guidance files (independent coupling): the full product."""
     dm = None
     for sampler, guidance in itertools.product(SAMPLERS, GUIDANCE):
-        cfg = compose_cfg(
-            [
-                f"path={path}",
-                f"objective={objective}",
-                f"sampler={sampler}",
-                f"guidance={guidance}",
-                "data=8gaussians",
-                "sampler.steps=4",
-            ],
-            tmp_path,
-        )
-        dm = dm or build_datamodule(cfg)
-        module = build_module(cfg, dm)
-        opt = module.configure_optimizers()
-        before = [p.detach().clone() for p in module.parameters()]
-        for _ in range(3):
-            loss = module.loss(dm.draw(64))
-            assert torch.isfinite(loss), (path, objective, sampler, guidance)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
-        y = torch.randint(0, 8, (32,)) if guidance == "cfg" else None
-        out = module.sample(32, y=y, guidance_scale=2.0 if y is not None else None)
-        assert out.x.shape == (32, 2) and torch.isfinite(out.x).all(), (path, objective, sampler, guidance)
+        dm = _train_and_sample(path, objective, sampler, guidance, "independent", tmp_path, dm)
 
 
 def test_cfg_makes_one_forward_per_evaluation(tmp_path):
@@ -139,6 +168,21 @@ def test_checkpoint_carries_config_and_ema_weights(tmp_path):
     # Lightning's EMA stores the average as the state_dict and the live weights apart
     assert any(not torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in ckpt["state_dict"])
     assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 30
+
+
+def test_a_run_ending_between_epochs_validates_and_saves_its_final_weights(tmp_path):
+    """max_steps = 15 with 10 steps an epoch: the metrics, metrics.json and last.ckpt are those of step 15."""
+    cfg = compose_cfg(["trainer.max_steps=15", "data.steps_per_epoch=10", *FAST[2:]], tmp_path)
+    metrics = train(cfg)
+    assert metrics["global_step"] == 15
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 15
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    w2_rows = [r.split(",") for r in rows[1:] if r.split(",")[header.index("val/w2")]]
+    assert [int(r[header.index("step")]) for r in w2_rows] == [9, 14]  # validated at steps 10 and 15 (0-based)
+    assert float(w2_rows[-1][header.index("val/w2")]) == pytest.approx(metrics["val/w2"])
+    assert (tmp_path / "plots" / "samples_step0000015.png").exists()
 
 
 def test_optimizer_and_scheduler_are_partials(tmp_path):

@@ -58,8 +58,8 @@ def test_fashion_mnist_reads_its_own_folder(tmp_path):
     dm = ImageDataModule("fashion_mnist", str(tmp_path), num_workers=0, batch_size=5)
     x, y = dm.real_images(100, "val")
     assert x.shape == (10, 1, 28, 28) and sorted(y.tolist()) == list(range(10))
-    with pytest.raises(DataError, match="FashionMNIST/raw/train-images-idx3-ubyte"):
-        ImageDataModule("mnist", str(tmp_path))  # MNIST's files are elsewhere
+    with pytest.raises(DataError, match="data=mnist found no dataset"):
+        ImageDataModule("mnist", str(tmp_path))  # MNIST's own files are not there
 
 
 def test_cifar_batches_and_flip(files):

@@ -137,13 +137,15 @@ class FlowModule(L.LightningModule):
         """The network's (guided) prediction at ``(x, t)``: one forward, a doubled batch under CFG."""
         if y is not None and self.guidance is None:
             raise ValueError("this model was trained without guidance=cfg, so it cannot condition on labels")
-        autocast = self.autocast_dtype is not None and x.device.type == "cuda" and not torch.is_autocast_enabled()
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=autocast):
-            if y is None:
-                out = self._forward(x, t, None)
-            else:
-                out = self.guidance.guided(self._forward, x, t, y, guidance_scale)
-        return out.to(x.dtype)
+        if self.autocast_dtype is None or x.device.type != "cuda" or torch.is_autocast_enabled():
+            return self._guided(x, t, y, guidance_scale)
+        with torch.autocast("cuda", dtype=self.autocast_dtype):
+            return self._guided(x, t, y, guidance_scale).to(x.dtype)
+
+    def _guided(self, x: Tensor, t: Tensor, y: Tensor | None, guidance_scale: float | None) -> Tensor:
+        if y is None:
+            return self._forward(x, t, None)
+        return self.guidance.guided(self._forward, x, t, y, guidance_scale)
 
     def vector_fields(self, y: Tensor | None = None, guidance_scale: float | None = None):
         """``(velocity_fn, score_fn)`` of the trained model; both reuse one network forward at the same ``(x, t)``."""

@@ -48,17 +48,17 @@ def build_callbacks(cfg: DictConfig, data_kind: str | None = None) -> list[L.Cal
             found = metric is not None and any(isinstance(o, metric[0]) for o in callbacks)
             c.monitor = metric[1] if found else None
             c.save_top_k = c.save_top_k if found else 1
-    return callbacks + [_ValidationStep()]
+    return callbacks + [_ValidateLastStep()]
 
 
-class _ValidationStep(L.Callback):
-    """Remembers the step of the last validation round, so that the run can end on one (see :func:`fit`)."""
+class _ValidateLastStep(L.Callback):
+    """Ends training through ``trainer.should_stop`` at ``max_steps``: Lightning then validates that very step (as
+    for early stopping), so metrics, plots, grids and ``last.ckpt`` describe the final weights even when
+    ``max_steps`` is not a multiple of the epoch length."""
 
-    def __init__(self) -> None:
-        self.step = -1
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self.step = trainer.global_step
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -91,24 +91,7 @@ def fit(cfg: DictConfig):
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    seconds = time.perf_counter() - start
-    finish_on_validation(trainer, module, datamodule, callbacks)
-    return module, datamodule, trainer, callbacks, seconds
-
-
-def finish_on_validation(trainer: L.Trainer, module, datamodule, callbacks: list[L.Callback]) -> None:
-    """When training stopped between validation rounds (``max_steps`` not a multiple of the epoch), validate
-    the final weights and rewrite ``last.ckpt`` from them, so the metrics, plots and checkpoint all describe
-    the model that training ended with."""
-    marker = next((c for c in callbacks if isinstance(c, _ValidationStep)), None)
-    if marker is None or marker.step == trainer.global_step or trainer.limit_val_batches == 0:
-        return
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and ckpt.save_last and ckpt.dirpath:
-        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
-        ckpt.last_model_path = str(path)
+    return module, datamodule, trainer, callbacks, time.perf_counter() - start
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
