@@ -46,17 +46,17 @@ def sample_images(pl_module, n: int, y: Tensor | None, scale: float | None, seed
     return torch.cat(out)
 
 
-def balanced_labels(n: int, num_classes: int, offset: int = 0) -> Tensor | None:
-    """``0, 1, ..., C-1, 0, 1, ...`` (``n`` of them, starting at ``offset``), or ``None`` without classes."""
+def balanced_labels(n: int, num_classes: int) -> Tensor | None:
+    """``0, 1, ..., C-1, 0, 1, ...`` (``n`` of them), or ``None`` without classes."""
     if num_classes == 0:
         return None
-    return (torch.arange(n) + offset) % num_classes
+    return torch.arange(n) % num_classes
 
 
 def resolve_features(features: str, datamodule) -> str:
     """``auto`` -> ``classifier`` for labelled one-channel images (MNIST-like), ``inception`` otherwise."""
     if features == "auto":
-        return "classifier" if datamodule.data_shape[0] == 1 and datamodule._classes else "inception"
+        return "classifier" if datamodule.data_shape[0] == 1 and datamodule.dataset_classes else "inception"
     return features
 
 
@@ -76,6 +76,8 @@ def build_extractor(
 
 
 class _EveryN(L.Callback):
+    """An image callback that runs at every ``every_n_epochs``-th validation round (and on ``trainer.validate``)."""
+
     data_kinds: tuple[str, ...] = ("image",)
 
     def __init__(self, every_n_epochs: int) -> None:
@@ -192,8 +194,9 @@ class ImageMetrics(_EveryN):
 
                 raise ConfigError(str(err)) from None
 
-    def prepare(self, datamodule, device: torch.device) -> None:
-        """Build the extractor, cache the real features and the floor (once)."""
+    def prepare(self, datamodule, device: torch.device, rank: int = 0) -> None:
+        """Build the extractor, cache the real features and the floor (once). Under DDP only rank 0 adds the real
+        features, so the reduced statistics hold each real image once."""
         if self.metric is not None:
             return
         if self.extractor is None:
@@ -204,7 +207,9 @@ class ImageMetrics(_EveryN):
         real, _ = datamodule.real_images(self.n, "train")
         held_out, _ = datamodule.real_images(self.n, "val")
         real_features = self.metric.features(real)
-        self.metric.update_features(real_features, real=True)
+        self.n_real = len(real)
+        if rank == 0:
+            self.metric.update_features(real_features, real=True)
         if len(held_out) >= 2:
             floor_metric = FeatureFID(self.extractor, kid_subsets=self.kid_subsets).to(device)
             floor_metric.update_features(real_features, real=True)
@@ -213,10 +218,10 @@ class ImageMetrics(_EveryN):
             self.floor["n"] = min(len(real), len(held_out))
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.prepare(trainer.datamodule, pl_module.device)
+        self.prepare(trainer.datamodule, pl_module.device, trainer.global_rank)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self.prepare(trainer.datamodule, pl_module.device)
+        self.prepare(trainer.datamodule, pl_module.device, trainer.global_rank)
 
     def evaluate(self, pl_module, num_classes: int, rank: int = 0, world: int = 1) -> dict[str, float]:
         """Generate this rank's share of ``n`` samples, update and compute (a collective under DDP)."""
@@ -226,7 +231,7 @@ class ImageMetrics(_EveryN):
         y = None if y_all is None else y_all[list(share)]
         images = sample_images(pl_module, len(share), y, self.guidance_scale, self.seed + 7919 * rank, self.batch_size)
         self.metric.update(images, real=False)
-        out = self.metric.compute()
+        out = self.metric.compute(n=min(self.n, self.n_real))
         if self.classifier is not None and y is not None:
             correct = (self.classifier.predict(images) == y).float().sum()
             total = torch.tensor(float(len(y)))

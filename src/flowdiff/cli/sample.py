@@ -74,9 +74,9 @@ def sample(cfg: DictConfig) -> dict:
         "n": n,
     }
     if dm.kind == "image":
-        metrics.update(_sample_images(cfg, module, dm, sampler, scale, n, run_dir, device))
+        metrics.update(_sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir, device))
     else:
-        metrics.update(_sample_vectors(cfg, module, dm, sampler, scale, n, run_dir, device))
+        metrics.update(_sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir, device))
     nll_n = int(cfg.get("nll", {}).get("n", 0) or 0)
     if nll_n > 0:
         metrics.update(_likelihood(cfg, module, dm, nll_n, device))
@@ -115,11 +115,11 @@ def _timed_sample(module, n, sampler, y, scale, seed: int, device: str, batch_si
     return torch.cat(parts), nfe, time.perf_counter() - start
 
 
-def _sample_vectors(cfg, module, dm, sampler, scale, n, run_dir: Path, device: str) -> dict:
+def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Path, device: str) -> dict:
     ref = dm.test_set
     y = _labels(module, dm, cfg, n, ref["y"])
     x, nfe, seconds = _timed_sample(module, n, sampler, y, scale, int(cfg.seed), device, batch_size=n)
-    torch.save({"x": x, "y": y, "nfe": nfe, "sampler": plain_dict(cfg.sampler)}, run_dir / "samples.pt")
+    torch.save({"x": x, "y": y, "nfe": nfe, "sampler": plain_dict(sampler_cfg)}, run_dir / "samples.pt")
     m = min(n, len(ref["x1"]))
     out = {
         "nfe": nfe,
@@ -128,7 +128,7 @@ def _sample_vectors(cfg, module, dm, sampler, scale, n, run_dir: Path, device: s
         "w2_floor": w2(dm.val_set["x1"][:m], ref["x1"][:m]),
         "w2_n": m,
     }
-    title = f"{sampler!r}".split("(")[0] + f", NFE {nfe}, W2 {out['w2']:.3f} (floor {out['w2_floor']:.3f})"
+    title = f"{sampler_cfg.name}, NFE {nfe}, W2 {out['w2']:.3f} (floor {out['w2_floor']:.3f})"
     fig = plot_samples_2d(x, ref["x1"], title=title)
     fig.savefig(run_dir / "samples.png", dpi=90)
     plt.close(fig)
@@ -137,12 +137,12 @@ def _sample_vectors(cfg, module, dm, sampler, scale, n, run_dir: Path, device: s
     return out
 
 
-def _sample_images(cfg, module, dm, sampler, scale, n, run_dir: Path, device: str) -> dict:
+def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Path, device: str) -> dict:
     mcfg = cfg.get("metrics", {}) or {}
     y = _labels(module, dm, cfg, n, None)
     batch = int(mcfg.get("batch_size", 500))
     x, nfe, seconds = _timed_sample(module, n, sampler, y, scale, int(cfg.seed), device, batch)
-    torch.save({"x": to_uint8(x), "y": y, "nfe": nfe, "sampler": plain_dict(cfg.sampler)}, run_dir / "samples.pt")
+    torch.save({"x": to_uint8(x), "y": y, "nfe": nfe, "sampler": plain_dict(sampler_cfg)}, run_dir / "samples.pt")
     k = min(n, 100 if y is None else 10 * dm.num_classes)
     order = torch.argsort(y[:k], stable=True) if y is not None else torch.arange(k)
     nrow = 10 if y is not None else int(k**0.5)

@@ -200,7 +200,13 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Classes the model is told about: 0 when ``labels=False``."""
         return self._classes if self.labels else 0
+
+    @property
+    def dataset_classes(self) -> int:
+        """Classes the data has, whether or not the model sees its labels (a classifier extractor needs them)."""
+        return self._classes
 
     @property
     def split(self) -> str:

@@ -165,12 +165,12 @@ def load_or_train_classifier(datamodule, path: str | Path | None = None, **train
     path = Path(path).expanduser() if path else cache_path(datamodule)
     if path.is_file():
         return load_classifier(path)
-    if datamodule.num_classes == 0 and not getattr(datamodule, "_classes", 0):
+    if not getattr(datamodule, "dataset_classes", 0):
         raise ValueError("a classifier feature extractor needs labelled data: use features=inception")
     print(f"training the {datamodule.name} classifier once (cached at {path})", flush=True)
     train = datamodule.real_images(10**9, "train")
     test = datamodule.real_images(10**9, "val")
-    model = train_classifier(train, test, num_classes=datamodule._classes, **train_kwargs)
+    model = train_classifier(train, test, num_classes=datamodule.dataset_classes, **train_kwargs)
     save_classifier(model, path)
     return model
 

@@ -149,9 +149,13 @@ class FeatureFID(nn.Module):
         self.fid.reset()
         self.kid.reset()
 
-    def compute(self) -> dict[str, float]:
-        """``fid``, ``kid`` and ``kid_std`` over everything updated so far (reduced over DDP ranks)."""
-        n = min(int(self.fid.real_features_num_samples), int(self.fid.fake_features_num_samples))
+    def compute(self, n: int | None = None) -> dict[str, float]:
+        """``fid``, ``kid`` and ``kid_std`` over everything updated so far (reduced over DDP ranks).
+
+        ``n``: the smaller of the real and generated counts over all ranks (KID's subsets cannot be larger); by
+        default this process's counts, right when a single process holds everything."""
+        if n is None:
+            n = min(int(self.fid.real_features_num_samples), int(self.fid.fake_features_num_samples))
         self.kid.subset_size = min(self.kid_subset_size, n)
         kid_mean, kid_std = self.kid.compute()
         return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
