@@ -28,7 +28,15 @@ def test_config_groups_are_complete():
 COUPLINGS = sorted(p.stem for p in (CONF / "coupling").glob("*.yaml"))
 #: a covering set in which every pair of choices of any two groups occurs (allpairspy): a few dozen runs
 #: instead of the full product, which `make test-all` still runs
-ALL_PAIRS = [tuple(row) for row in AllPairs([PATHS, OBJECTIVES, SAMPLERS, GUIDANCE, COUPLINGS])]
+GROUPS = [PATHS, OBJECTIVES, SAMPLERS, GUIDANCE, COUPLINGS]
+
+
+def _refused(row) -> bool:
+    """The one refused pair of choices (a test above checks the refusal): minibatch OT with the score-based SDE."""
+    return len(row) == 5 and row[4] in ("ot", "sinkhorn") and row[2] == "euler_maruyama"
+
+
+ALL_PAIRS = [tuple(row) for row in AllPairs(GROUPS, filter_func=lambda row: not _refused(row))]
 
 
 def _train_and_sample(path, objective, sampler, guidance, coupling, tmp_path, dm=None):
@@ -64,10 +72,12 @@ def _train_and_sample(path, objective, sampler, guidance, coupling, tmp_path, dm
 
 
 def test_the_pairwise_set_covers_every_pair():
-    groups = [PATHS, OBJECTIVES, SAMPLERS, GUIDANCE, COUPLINGS]
-    for i, j in itertools.combinations(range(len(groups)), 2):
+    for i, j in itertools.combinations(range(len(GROUPS)), 2):
         seen = {(row[i], row[j]) for row in ALL_PAIRS}
-        assert seen == set(itertools.product(groups[i], groups[j]))
+        wanted = set(itertools.product(GROUPS[i], GROUPS[j]))
+        if (i, j) == (2, 4):  # sampler x coupling
+            wanted -= {("euler_maruyama", "ot"), ("euler_maruyama", "sinkhorn")}
+        assert seen == wanted, (i, j)
     assert len(ALL_PAIRS) < 60
 
 
@@ -106,6 +116,8 @@ def test_cfg_makes_one_forward_per_evaluation(tmp_path):
         (["path.sigma=0.1", "objective=noise"], "use objective=cfm"),
         (["data=moons_to_8gaussians", "sampler=euler_maruyama"], "use an ODE sampler"),
         (["sampler.steps=0"], "at least one step"),
+        (["coupling=ot", "sampler=euler_maruyama"], "use coupling=independent"),
+        (["coupling=sinkhorn", "sampler=ddim", "sampler.eta=1.0"], "use coupling=independent"),
     ],
 )
 def test_invalid_combinations_fail_at_start_up(overrides, message, tmp_path):

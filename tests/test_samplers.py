@@ -208,3 +208,10 @@ def test_oracle_on_every_schedule(schedule_name, objective, sampler):
     out = build_sampler(sampler, path=path, steps=200).sample(velocity, x0, t_span=obj.sample_time_range(path))
     err = (out.x - oracle.flow(x0, out.times[0].item(), out.times[-1].item())).abs().max().item()
     assert err < (3e-2 if sampler == "ddim" else 1e-3), f"{schedule_name}/{objective}/{sampler}: {err:.2e}"
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_ddim_refuses_eta_outside_zero_one(eta):
+    """Beyond eta = 1 the noise term's variance beta'^2 - s^2 is negative (it used to be clamped silently)."""
+    with pytest.raises(ValueError, match="0 <= eta <= 1"):
+        build_sampler("ddim", path=GaussianPath(CondOTSchedule()), eta=eta)

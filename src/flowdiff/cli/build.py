@@ -105,6 +105,13 @@ def validate(cfg: DictConfig, datamodule) -> None:
             f"sampler={sampler} needs a Gaussian path (a score), but the source is not Gaussian or path.sigma > 0: "
             "use an ODE sampler such as sampler=euler"
         )
+    needs_score = sampler == "euler_maruyama" or (sampler == "ddim" and float(cfg.sampler.get("eta") or 0) > 0)
+    if cfg.coupling.name == "minibatch_ot" and needs_score:
+        raise ConfigError(
+            f"sampler={sampler} needs the score, whose formula -E[eps | x_t] / beta_t assumes noise drawn "
+            "independently of the data, which minibatch OT is not: use coupling=independent, or an ODE sampler "
+            "(ddim with eta=0 is one)"
+        )
     if cfg.coupling.get("by_label") and datamodule.num_classes == 0:
         raise ConfigError(f"coupling.by_label=true needs labelled data, but data={datamodule.name} has none")
 

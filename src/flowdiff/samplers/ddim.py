@@ -24,8 +24,8 @@ class DDIMSampler(Sampler):
         super().__init__(steps, t_min, t_max)
         if not hasattr(path, "convert") or "data" not in path.parameterisations:
             raise ValueError("the ddim sampler needs a Gaussian path (a Gaussian source)")
-        if eta < 0:
-            raise ValueError(f"ddim needs eta >= 0, got {eta}")
+        if not 0 <= eta <= 1:  # beyond 1 the variance beta'^2 - s^2 of the eps_hat term would be negative
+            raise ValueError(f"ddim needs 0 <= eta <= 1 (0: DDIM, 1: DDPM's ancestral sampling), got eta={eta}")
         self.path = path
         self.eta = eta
         # its own conversions velocity -> (data, noise) must be finite too (e.g. alpha^2 schedules at t = 0)
