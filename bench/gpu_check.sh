@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (no network there), within one 10-minute call.
-# Wheels for what its image lacks travel in .whl/ and MNIST-5k in .gpu_data/ (both git-ignored):
-#   device run: carry [".whl", ".gpu_data"], command "bash bench/gpu_check.sh"
+# Wheels for what its image lacks travel in .whl/ and MNIST-5k in .gpu_data/ (both git-ignored; ../shared does not
+# travel): `mkdir -p .gpu_data && cp -r ../shared/data/mnist-5k .gpu_data/`, wheels as the device README says
+# (hydra-core, omegaconf, antlr4-python3-runtime, POT, torch-fidelity, torchcfm for Python 3.12), then
+#   device run: carry [".whl", ".gpu_data"], command "STAGES='pytest lab3' bash bench/gpu_check.sh"
 # Stages (STAGES picks and orders them; each has its own limit inside an overall DEADLINE). The first H200 run
 # (2026-11-27) took: tests 20 s, throughput 110 s+ (cudnn autotuning of torchcfm's net costs 15-30 s a mode),
 # cifar_train 170 s+ (compile 70 s), 5,000 sampled images 63 s, lab 3 about 60 ms a step before the fused EMA:
