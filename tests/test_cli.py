@@ -68,6 +68,31 @@ def test_sample_is_reproducible_and_sweepable(trained, tmp_path):
     assert nfes == [2, 4, 8, 16]
 
 
+def test_sample_keeps_the_trained_sampler_settings(tmp_path):
+    """Naming the trained sampler changes only what the command sets, not its config file's defaults (issue 8.5)."""
+    out = tmp_path / "train"
+    run(
+        "train.py",
+        "objective=score",
+        "sampler=euler_maruyama",
+        "sampler.sigma=2.5",
+        "sampler.sigma_schedule=constant",
+        *FAST,
+        f"hydra.run.dir={out}",
+    )
+    proc = run(
+        "sample.py",
+        f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+        "n=50",
+        "sampler=euler_maruyama",
+        "sampler.steps=5",
+        f"hydra.run.dir={tmp_path / 's'}",
+    )
+    used = torch.load(tmp_path / "s" / "samples.pt")["sampler"]
+    assert used["sigma"] == 2.5 and used["sigma_schedule"] == "constant" and used["steps"] == 5
+    assert "EulerMaruyamaSampler(steps=5" in proc.stdout and "sigma_schedule=constant" in proc.stdout
+
+
 def test_two_by_two_multirun_gives_four_runs(tmp_path):
     run(
         "train.py",

@@ -43,19 +43,41 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compil
     return module.to(device).eval(), datamodule, train_cfg
 
 
-def resolve_sampler_config(train_cfg: DictConfig, override: DictConfig) -> DictConfig:
-    """A named sampler replaces the training one; otherwise the non-null fields edit it."""
+def explicit_sampler_keys() -> set[str] | None:
+    """The ``sampler.*`` keys set on this command line (``None`` outside a Hydra run)."""
+    if not HydraConfig.initialized():
+        return None
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("sampler."):
+            keys.add(key.split(".", 1)[1])
+    return keys
+
+
+def resolve_sampler_config(train_cfg: DictConfig, override: DictConfig, explicit: set[str] | None = None) -> DictConfig:
+    """The sampler to use: the training run's, edited by what the command line sets.
+
+    Naming the sampler the model was trained with (``sampler=euler_maruyama`` on a ``lab2_score`` model) keeps its
+    trained settings and changes only the keys in ``explicit`` (``sampler.steps=...``), not the defaults of that
+    sampler's config file; naming another sampler starts from that file.
+    """
     edits = {k: v for k, v in plain_dict(override).items() if v is not None}
-    base = {} if edits.get("name") not in (None, train_cfg.sampler.name) else plain_dict(train_cfg.sampler)
-    return OmegaConf.create({**base, **edits})
+    name = edits.get("name")
+    if name not in (None, train_cfg.sampler.name):
+        return OmegaConf.create(edits)
+    if name is not None and explicit is not None:
+        edits = {k: v for k, v in edits.items() if k in explicit}
+    return OmegaConf.create({**plain_dict(train_cfg.sampler), **edits})
 
 
 def sample(cfg: DictConfig) -> dict:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module, dm, train_cfg = load_checkpoint(cfg.ckpt, device, compile=bool(cfg.get("compile", False)))
-    sampler_cfg = resolve_sampler_config(train_cfg, cfg.sampler)
+    sampler_cfg = resolve_sampler_config(train_cfg, cfg.sampler, explicit_sampler_keys())
     validate(OmegaConf.merge(train_cfg, {"sampler": sampler_cfg}), dm)
     sampler = build_sampler_from(sampler_cfg, module.path)
+    print(f"sampler: {sampler!r}")
     scale = cfg.guidance.get("scale")
     if scale is not None and module.guidance is None:
         raise ConfigError(
