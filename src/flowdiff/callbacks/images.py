@@ -24,7 +24,7 @@ from flowdiff.metrics.images import (
     FeatureFID,
     InceptionFeatures,
     MissingWeights,
-    fid_between,
+    reference,
 )
 
 
@@ -35,15 +35,26 @@ def class_rows(num_classes: int, per_class: int) -> Tensor | None:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def sample_images(pl_module, n: int, y: Tensor | None, scale: float | None, seed: int, batch_size: int = 500) -> Tensor:
-    """``n`` images in [-1, 1] on the CPU, drawn in batches with reproducible noise."""
-    out = []
+def sample_images(
+    pl_module,
+    n: int,
+    y: Tensor | None,
+    scale: float | None,
+    seed: int,
+    batch_size: int = 500,
+    sampler=None,
+) -> tuple[Tensor, int]:
+    """``n`` images in [-1, 1] on the CPU, drawn in batches with reproducible noise (batch ``i`` seeded ``seed + i``),
+    and the NFE of one batch; ``sampler=None`` uses the module's."""
+    out, nfe = [], 0
     for i in range(0, n, batch_size):
         k = min(batch_size, n - i)
         yy = None if y is None else y[i : i + k]
         g = torch.Generator().manual_seed(seed + i)
-        out.append(pl_module.sample(k, y=yy, guidance_scale=scale, generator=g).x.float().cpu())
-    return torch.cat(out)
+        result = pl_module.sample(k, sampler=sampler, y=yy, guidance_scale=scale, generator=g)
+        out.append(result.x.float().cpu())
+        nfe = result.nfe
+    return torch.cat(out), nfe
 
 
 def balanced_labels(n: int, num_classes: int) -> Tensor | None:
@@ -128,7 +139,7 @@ class ImageGrid(_EveryN):
         step = trainer.global_step
         self.last_paths = []
         for w in scales:
-            images = sample_images(pl_module, n, y, w, self.seed)
+            images, _ = sample_images(pl_module, n, y, w, self.seed)
             grid = make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
             tag = "" if w is None else f"_w{w:g}"
             path = out / f"step{step:07d}{tag}.png"
@@ -203,19 +214,10 @@ class ImageMetrics(_EveryN):
             self.extractor, self.classifier = build_extractor(
                 self.features, datamodule, self.inception_weights, self.classifier_path
             )
-        self.metric = FeatureFID(self.extractor, kid_subsets=self.kid_subsets).to(device)
         real, _ = datamodule.real_images(self.n, "train")
         held_out, _ = datamodule.real_images(self.n, "val")
-        real_features = self.metric.features(real)
         self.n_real = len(real)
-        if rank == 0:
-            self.metric.update_features(real_features, real=True)
-        if len(held_out) >= 2:
-            floor_metric = FeatureFID(self.extractor, kid_subsets=self.kid_subsets).to(device)
-            floor_metric.update_features(real_features, real=True)
-            floor_metric.update(held_out, real=False)
-            self.floor = floor_metric.compute()
-            self.floor["n"] = min(len(real), len(held_out))
+        self.metric, self.floor = reference(self.extractor.to(device), real, held_out, self.kid_subsets, rank == 0)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.prepare(trainer.datamodule, pl_module.device, trainer.global_rank)
@@ -229,7 +231,9 @@ class ImageMetrics(_EveryN):
         share = range(rank, self.n, world)  # the same n images whatever the number of ranks
         y_all = balanced_labels(self.n, num_classes)
         y = None if y_all is None else y_all[list(share)]
-        images = sample_images(pl_module, len(share), y, self.guidance_scale, self.seed + 7919 * rank, self.batch_size)
+        images, _ = sample_images(
+            pl_module, len(share), y, self.guidance_scale, self.seed + 7919 * rank, self.batch_size
+        )
         self.metric.update(images, real=False)
         out = self.metric.compute(n=min(self.n, self.n_real))
         if self.classifier is not None and y is not None:
@@ -252,4 +256,4 @@ class ImageMetrics(_EveryN):
             pl_module.log("val/fid_floor", self.floor["fid"], rank_zero_only=True)
 
 
-__all__ = ["ImageGrid", "ImageMetrics", "balanced_labels", "build_extractor", "fid_between", "sample_images"]
+__all__ = ["ImageGrid", "ImageMetrics", "balanced_labels", "build_extractor", "sample_images"]

@@ -15,12 +15,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from flowdiff.callbacks.images import balanced_labels, build_extractor
+from flowdiff.callbacks.images import balanced_labels, build_extractor, sample_images
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from, plain_dict, validate
 from flowdiff.data.images import to_uint8, to_unit
 from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
 from flowdiff.metrics import w2
-from flowdiff.metrics.images import FeatureFID, MissingWeights, fid_report
+from flowdiff.metrics.images import MissingWeights, fid_report, reference
 from flowdiff.plotting import plot_samples_2d, plt
 
 
@@ -123,18 +123,10 @@ def _labels(module, dm, cfg, n: int, reference: torch.Tensor | None) -> torch.Te
 
 def _timed_sample(module, n, sampler, y, scale, seed: int, device: str, batch_size: int):
     start = time.perf_counter()
-    parts, nfe = [], 0
-    for i in range(0, n, batch_size):
-        k = min(batch_size, n - i)
-        g = torch.Generator().manual_seed(seed + i)
-        result = module.sample(
-            k, sampler=sampler, y=None if y is None else y[i : i + k], guidance_scale=scale, generator=g
-        )
-        parts.append(result.x.float().cpu())
-        nfe = result.nfe
+    x, nfe = sample_images(module, n, y, scale, seed, batch_size, sampler=sampler)
     if device != "cpu":
         torch.cuda.synchronize()
-    return torch.cat(parts), nfe, time.perf_counter() - start
+    return x, nfe, time.perf_counter() - start
 
 
 def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Path, device: str) -> dict:
@@ -181,19 +173,12 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
     except MissingWeights as err:
         raise ConfigError(str(err)) from None
     dev = torch.device(device)
-    kid_subsets = int(mcfg.get("kid_subsets", 100))
-    metric = FeatureFID(extractor.to(dev), kid_subsets=kid_subsets)
-    metric.to(dev)
     real, _ = dm.real_images(n, "train")
     held_out, _ = dm.real_images(n, "val")
-    real_features = metric.features(real)
-    metric.update_features(real_features, real=True)
+    metric, floor = reference(extractor.to(dev), real, held_out, int(mcfg.get("kid_subsets", 100)))
     metric.update(x, real=False)
     scores = metric.compute()
-    floor = FeatureFID(extractor, kid_subsets=kid_subsets).to(dev)
-    floor.update_features(real_features, real=True)
-    floor.update(held_out, real=False)
-    floor_scores = floor.compute()
+    floor_scores = floor or {"fid": float("nan"), "kid": float("nan")}
     m = min(len(real), len(held_out), n)
     out.update(
         fid=scores["fid"],

@@ -98,22 +98,17 @@ NATIVE_SHAPE: dict[str, tuple[int, int, int]] = {
 NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 
 
-def _collate(items: list[tuple[Tensor, int]], labels: bool) -> dict[str, Tensor]:
-    x = torch.stack([im for im, _ in items])
-    batch = {"x1": x}
-    if labels:
-        batch["y"] = torch.tensor([int(y) for _, y in items], dtype=torch.long)
-    return batch
-
-
 class _Collate:
-    """A picklable collate (worker processes need one): tuples -> ``{"x1", "y"}`` dicts."""
+    """A picklable collate (worker processes need one): ``(image, label)`` tuples -> ``{"x1", "y"}`` dicts."""
 
     def __init__(self, labels: bool) -> None:
         self.labels = labels
 
-    def __call__(self, items):
-        return _collate(items, self.labels)
+    def __call__(self, items: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
+        batch = {"x1": torch.stack([im for im, _ in items])}
+        if self.labels:
+            batch["y"] = torch.tensor([int(y) for _, y in items], dtype=torch.long)
+        return batch
 
 
 class ImageDataModule(L.LightningDataModule):

@@ -169,6 +169,25 @@ def fid_between(extractor: FeatureExtractor, a: Tensor, b: Tensor, kid_subsets: 
     return metric.compute()
 
 
+def reference(
+    extractor: FeatureExtractor, real: Tensor, held_out: Tensor, kid_subsets: int = 100, add_real: bool = True
+) -> tuple[FeatureFID, dict[str, float] | None]:
+    """A :class:`FeatureFID` holding the features of the ``real`` images (computed once; ``add_real=False`` leaves
+    them out, for DDP ranks other than 0) and the floor: FID and KID of ``real`` against ``held_out``, two disjoint
+    real sets (``None`` with fewer than two held-out images)."""
+    device = next(extractor.parameters(), torch.zeros(())).device
+    metric = FeatureFID(extractor, kid_subsets=kid_subsets).to(device)
+    real_features = metric.features(real)
+    if add_real:
+        metric.update_features(real_features, real=True)
+    if len(held_out) < 2:
+        return metric, None
+    floor = FeatureFID(extractor, kid_subsets=kid_subsets).to(device)
+    floor.update_features(real_features, real=True)
+    floor.update(held_out, real=False)
+    return metric, floor.compute()
+
+
 def fid_report(fid: float, floor: float, n: int, extractor: str) -> str:
     """One line: the FID, its real-vs-real floor at the same ``n`` and the feature extractor."""
     return f"FID {fid:.2f} (real-vs-real floor {floor:.2f}; n = {n}; features: {extractor})"
