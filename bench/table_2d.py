@@ -66,9 +66,11 @@ def run_ours(task: str, method: str, steps: int, seed: int, n_eval: int):
         ]
     )
     module, *_, seconds = fit(cfg)
-    velocity = module.vector_fields()[0]
-    span = module.objective.sample_time_range(module.path)  # noise/score start at t = margin
-    res = evaluate_velocity(velocity, *eval_sets(data, n_eval, seed), t_span=span)
+
+    def sample_fn(sampler, x0):  # as users sample: the objective's range, the last step to t = 1
+        return module.sample(len(x0), sampler=sampler, x0=x0, return_trajectory=True)
+
+    res = evaluate_velocity(module.vector_fields().velocity, *eval_sets(data, n_eval, seed), sample_fn=sample_fn)
     return {**res, "seconds": seconds, "ms_per_step": 1000 * seconds / steps}
 
 

@@ -63,6 +63,36 @@ def test_course_score_to_velocity_formula(name):
     torch.testing.assert_close(path.convert(score, "score", "velocity", x, t), expected, rtol=1e-10, atol=1e-10)
 
 
+#: each of the twelve conversions written out by hand from x = alpha z + beta eps (course Section 3), independent of
+#: the coefficient table that both PathSample's targets and GaussianPath.convert use; p is the prediction
+HAND_CONVERSIONS = {
+    ("data", "noise"): lambda p, x, a, b, da, db: (x - a * p) / b,
+    ("data", "score"): lambda p, x, a, b, da, db: -(x - a * p) / b**2,
+    ("data", "velocity"): lambda p, x, a, b, da, db: da * p + db * (x - a * p) / b,
+    ("noise", "data"): lambda p, x, a, b, da, db: (x - b * p) / a,
+    ("noise", "score"): lambda p, x, a, b, da, db: -p / b,
+    ("noise", "velocity"): lambda p, x, a, b, da, db: da * (x - b * p) / a + db * p,
+    ("score", "data"): lambda p, x, a, b, da, db: (x + b**2 * p) / a,
+    ("score", "noise"): lambda p, x, a, b, da, db: -b * p,
+    ("score", "velocity"): lambda p, x, a, b, da, db: (b**2 * da / a - db * b) * p + (da / a) * x,
+    ("velocity", "data"): lambda p, x, a, b, da, db: (b * p - db * x) / (b * da - a * db),
+    ("velocity", "noise"): lambda p, x, a, b, da, db: (a * p - da * x) / (a * db - b * da),
+    ("velocity", "score"): lambda p, x, a, b, da, db: -(a * p - da * x) / (a * db - b * da) / b,
+}
+
+
+@pytest.mark.parametrize("name", ALL_SCHEDULES)
+@pytest.mark.parametrize("src,dst", list(HAND_CONVERSIONS))
+def test_each_conversion_matches_its_formula_written_out(name, src, dst):
+    path = GaussianPath(ALL_SCHEDULES[name])
+    x, pred = _batch()
+    t = torch.linspace(0.05, 0.95, x.shape[0], dtype=torch.float64)
+    s = ALL_SCHEDULES[name](t)
+    coeffs = [v[:, None] for v in (s.alpha, s.beta, s.d_alpha, s.d_beta)]
+    expected = HAND_CONVERSIONS[(src, dst)](pred, x, *coeffs)
+    torch.testing.assert_close(path.convert(pred, src, dst, x, t), expected, rtol=1e-9, atol=1e-9)
+
+
 def test_time_ranges_follow_the_divisions():
     condot = GaussianPath(ALL_SCHEDULES["condot"])
     m = 1e-3
@@ -77,6 +107,39 @@ def test_time_ranges_follow_the_divisions():
     vp = GaussianPath(ALL_SCHEDULES["linear_vp"])
     assert Objective.from_name("noise").sample_time_range(vp) == (0.0, 1 - m)
     assert Objective.from_name("cfm").train_time_range(GaussianPath(ALL_SCHEDULES["sqrt"])) == (0.0, 1 - m)
+
+
+def test_training_start_and_end_of_sampling_have_their_own_margins():
+    """One margin used to set the training range, the sampling start and the sampling end at once."""
+    condot = GaussianPath(ALL_SCHEDULES["condot"])
+    score = Objective.from_name("score", train_margin=1e-3, sample_margins=(0.05, 0.02))
+    assert score.train_time_range(condot) == (0.0, 1 - 1e-3)
+    assert score.sample_time_range(condot) == (0.05, 1 - 0.02)
+    # a checkpoint from before the split (objective.margin) keeps its meaning
+    legacy = Objective.from_name("score", margin=0.05)
+    assert legacy.train_time_range(condot) == (0.0, 0.95) and legacy.sample_time_range(condot) == (0.05, 0.95)
+    with pytest.raises(ValueError, match="margins"):
+        Objective.from_name("cfm", sample_margins=(0.0, 0.6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", ALL_SCHEDULES)
+def test_schedules_are_exact_at_their_ends_in_every_dtype(name, dtype):
+    """t = 1 is data (alpha 1, beta exactly +0) and t = 0 noise (beta 1; alpha 0 except the VP schedule) in the
+    dtype in use, so that a division by beta_1 is seen as singular: cos(pi / 2) is -4.4e-8 in float32."""
+    ends = ALL_SCHEDULES[name](torch.tensor([0.0, 1.0], dtype=dtype))
+    assert ends.alpha[1].item() == 1.0 and ends.beta[1].item() == 0.0 and not torch.signbit(ends.beta[1])
+    assert ends.beta[0].item() == pytest.approx(1.0, abs=1e-4)
+    if name != "linear_vp":
+        assert ends.alpha[0].item() == 0.0 and ends.beta[0].item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ALL_SCHEDULES)
+def test_time_range_is_decided_in_the_dtype_in_use(name, dtype):
+    """Score -> velocity divides by beta, which vanishes at t = 1 on every schedule: no dtype may call t = 1 safe."""
+    obj = Objective.from_name("score", sample_margins=(0.05, 0.02))
+    assert obj.sample_time_range(GaussianPath(ALL_SCHEDULES[name]), dtype=dtype)[1] == 1 - 0.02
 
 
 @pytest.mark.parametrize("objective", ["cfm", "score", "noise", "data"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -16,6 +16,16 @@ from flowdiff.objectives import Objective
 from flowdiff.samplers import EulerSampler, Sampler, SampleResult
 
 SourceFn = Callable[[int, "torch.Generator | None"], Tensor]
+FieldFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class VectorFields(NamedTuple):
+    """The trained model's fields at ``(x, t)``, all from one network forward: the velocity (ODEs), the score
+    (SDEs) and the data prediction ``E[z | x_t]`` (the sampler's last step; ``None`` off Gaussian paths)."""
+
+    velocity: FieldFn
+    score: FieldFn
+    data: FieldFn | None
 
 
 class FlowModule(L.LightningModule):
@@ -67,7 +77,7 @@ class FlowModule(L.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_factory = scheduler
         self.source = source
-        self.train_t_range = objective.train_time_range(path)
+        self.train_t_range = objective.train_time_range(path)  # probed in float32, what training computes in
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last and len(self.data_shape) == 3
@@ -91,16 +101,23 @@ class FlowModule(L.LightningModule):
         x0 = batch.get("x0")
         if x0 is None:
             x0 = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-        x0, z, y = self.coupling(x0, z, y)
+        x0, z, y = self.coupling(x0, z, y, generator=None if generator is None else self._cpu_generator(generator))
         t = self._draw_t(z.shape[0], z, generator)
         if self.channels_last:
             z, x0 = z.contiguous(memory_format=torch.channels_last), x0.contiguous(memory_format=torch.channels_last)
-        sample = self.path.sample(z, x0, t)
+        sample = self.path.sample(z, x0, t, generator=generator)
         if self.guidance is not None and y is not None:
             y = self.guidance.drop_labels(y, generator) if self.training else y
         else:
             y = None
         return self.objective.loss(self._forward(sample.x_t, t, y), sample, self.path)
+
+    @staticmethod
+    def _cpu_generator(generator: torch.Generator) -> torch.Generator:
+        """The coupling draws on the CPU (its plan is a NumPy array): a CPU generator derived from ``generator``."""
+        if generator.device.type == "cpu":
+            return generator
+        return torch.Generator().manual_seed(int(generator.initial_seed()))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
@@ -147,8 +164,9 @@ class FlowModule(L.LightningModule):
             return self._forward(x, t, None)
         return self.guidance.guided(self._forward, x, t, y, guidance_scale)
 
-    def vector_fields(self, y: Tensor | None = None, guidance_scale: float | None = None):
-        """``(velocity_fn, score_fn)`` of the trained model; both reuse one network forward at the same ``(x, t)``."""
+    def vector_fields(self, y: Tensor | None = None, guidance_scale: float | None = None) -> VectorFields:
+        """The velocity, score and data fields of the trained model; all reuse one network forward at the same
+        ``(x, t)``."""
         cache: dict[str, Tensor] = {}
 
         def predict(x: Tensor, t: Tensor) -> Tensor:
@@ -163,7 +181,10 @@ class FlowModule(L.LightningModule):
         def score(x: Tensor, t: Tensor) -> Tensor:
             return self.objective.to_score(self.path, predict(x, t), x, t)
 
-        return velocity, score
+        def data(x: Tensor, t: Tensor) -> Tensor:
+            return self.objective.to_data(self.path, predict(x, t), x, t)
+
+        return VectorFields(velocity, score, data if "data" in self.path.parameterisations else None)
 
     def draw_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         if self.source is not None:
@@ -195,18 +216,23 @@ class FlowModule(L.LightningModule):
         if isinstance(y, int):
             y = torch.full((n,), y, dtype=torch.long)
         y = None if y is None else y.to(self.device)
-        velocity, score = self.vector_fields(y, guidance_scale)
+        fields = self.vector_fields(y, guidance_scale)
         was_training = self.training
         self.eval()
         try:
             noise_gen = None
             if generator is not None and self.device.type != "cpu":
                 noise_gen = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
+            t_span = self.objective.sample_time_range(self.path, stochastic=sampler.stochastic, dtype=x0.dtype)
+            t_start = float(sampler.grid(x0, t_span)[0])
+            if self.source is None and t_start > 0 and hasattr(self.path, "source_at"):
+                x0 = self.path.source_at(x0, t_start)  # N(0, I) is p_0; p_t0 is about N(0, beta_t0^2 I)
             return sampler.sample(
-                velocity,
+                fields.velocity,
                 x0,
-                score_fn=score,
-                t_span=self.objective.sample_time_range(self.path, stochastic=sampler.stochastic),
+                score_fn=fields.score,
+                data_fn=fields.data,
+                t_span=t_span,
                 return_trajectory=return_trajectory,
                 generator=noise_gen or generator,
             )

@@ -1,30 +1,35 @@
 """Training objectives: what the network predicts, its regression target and loss, and how a
-prediction becomes the velocity (ODE sampling) or the score (SDE sampling).
+prediction becomes the velocity (ODE sampling), the score (SDE sampling) or the data (the last step).
 
 ============  ============  ===============================  =========================================
-objective     predicts      target                           time range it keeps to (CondOT path)
+objective     predicts      target                           sampling range on the CondOT path
 ============  ============  ===============================  =========================================
-``cfm``       velocity      ``d_alpha z + d_beta eps``       [0, 1] (ODE); SDE needs the score: [0, 1-m]
-``score``     score         ``-eps / beta``                  [m, 1-m]: target and conversion divide by beta, alpha
-``noise``     noise         ``eps``                          [m, 1]: noise -> velocity divides by alpha
-``data``      data          ``z``                            [0, 1-m]: data -> velocity divides by beta
+``cfm``       velocity      ``d_alpha z + d_beta eps``       [0, 1] (ODE); SDE needs the score: [0, 1-e]
+``score``     score         ``-eps / beta``                  [s, 1-e]: the conversion divides by alpha, beta
+``noise``     noise         ``eps``                          [s, 1]: noise -> velocity divides by alpha
+``data``      data          ``z``                            [0, 1-e]: data -> velocity divides by beta
 ============  ============  ===============================  =========================================
 
-``m`` is ``margin`` (1e-3 by default); the ranges are derived from the schedule by
-:meth:`GaussianPath.time_range`, so e.g. the VP schedule (``alpha_0 > 0``) lets the noise
-objective start at 0, and the sqrt schedule (``d_beta`` infinite at 1) ends every range at ``1 - m``.
-All conversions are :meth:`GaussianPath.convert`; nothing here repeats the algebra.
+Three time ranges, each with its own margin, applied only at an end where a quantity is infinite:
 
-Near a singular end the converted field is stiff: for the data objective on CondOT,
-``u = (z_hat - x) / (1 - t)``. Samplers that evaluate at the last grid time (heun, rk4) then
-lose accuracy there (max error about 0.1 at 50 Heun steps on Gaussian data); ``ddim``, which
-integrates that linear part exactly, ``midpoint`` and ``euler`` do not.
+* training draws t where the conditional target is finite, kept ``train_margin`` from a singular end;
+* sampling starts ``sample_margins[0]`` (``s``) from t = 0 where the conversion to a velocity divides
+  by ``alpha_0 = 0``: the network's error is amplified by ``1 / alpha_t`` there (``conf/objective/noise.yaml``);
+* sampling stops ``sample_margins[1]`` (``e``) before t = 1 where a conversion or the schedule's
+  derivative is infinite, and the sampler's **last step** then jumps to t = 1 with the data prediction
+  ``E[z | x_t]`` (as DDPM and EDM do), instead of returning ``x_t`` with its noise of size ``beta_t``.
+
+The ranges come from :meth:`GaussianPath.time_range` in the dtype being computed in, so e.g. the VP
+schedule (``alpha_0 > 0``) lets the noise objective start at 0, and the sqrt schedule (``d_beta`` infinite
+at 1) ends every sampling range at ``1 - e``. All conversions are :meth:`GaussianPath.convert`; nothing
+here repeats the algebra.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from flowdiff.paths.gaussian import PathSample
@@ -40,14 +45,29 @@ class Objective:
     weight that turns the score loss into the noise-prediction loss); ``"none"`` is plain MSE.
     """
 
-    def __init__(self, prediction: str, weighting: Weighting = "none", margin: float = 1e-3) -> None:
+    def __init__(
+        self,
+        prediction: str,
+        weighting: Weighting = "none",
+        train_margin: float = 1e-3,
+        sample_margins: tuple[float, float] = (1e-3, 1e-3),
+        margin: float | None = None,
+    ) -> None:
+        if margin is not None:  # checkpoints written before the margins were split: one margin did all three jobs
+            train_margin, sample_margins = margin, (margin, margin)
+        sample_margins = tuple(float(m) for m in sample_margins)
+        if len(sample_margins) != 2 or not all(0 < m < 0.5 for m in (train_margin, *sample_margins)):
+            raise ValueError(
+                f"objective margins must lie in (0, 0.5): train_margin={train_margin}, sample_margins={sample_margins}"
+            )
         if prediction not in OBJECTIVES.values():
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(OBJECTIVES.values())}")
         if weighting not in ("none", "beta_sq"):
             raise ValueError(f"unknown weighting {weighting!r}; choose none or beta_sq")
         self.prediction = prediction
         self.weighting = weighting
-        self.margin = margin
+        self.train_margin = float(train_margin)
+        self.sample_margins: tuple[float, float] = sample_margins  # type: ignore[assignment]
 
     @classmethod
     def from_name(cls, name: str, **kwargs) -> Objective:
@@ -57,7 +77,10 @@ class Objective:
         return cls(OBJECTIVES[name], **kwargs)
 
     def __repr__(self) -> str:
-        return f"Objective(prediction={self.prediction!r}, weighting={self.weighting!r})"
+        return (
+            f"Objective(prediction={self.prediction!r}, weighting={self.weighting!r}, "
+            f"train_margin={self.train_margin}, sample_margins={self.sample_margins})"
+        )
 
     def check_path(self, path) -> None:
         """Fail with one sentence if ``path`` cannot provide this objective's target."""
@@ -66,14 +89,19 @@ class Objective:
                 f"the {self.prediction} objective needs a Gaussian source; with a data-to-data path use objective=cfm"
             )
 
-    def train_time_range(self, path) -> tuple[float, float]:
+    def train_time_range(self, path, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
         """Times drawn for training: where the target is finite."""
-        return path.time_range(targets=[self.prediction], margin=self.margin)
+        return path.time_range(targets=[self.prediction], margins=self.train_margin, dtype=dtype)
 
-    def sample_time_range(self, path, stochastic: bool = False) -> tuple[float, float]:
-        """Times a sampler may visit: where the conversion to velocity (and to score for SDEs) is finite."""
+    def sample_time_range(
+        self, path, stochastic: bool = False, dtype: torch.dtype = torch.float32
+    ) -> tuple[float, float]:
+        """Times a sampler integrates over: where the conversion to velocity (and to score for SDEs) is finite.
+
+        Where this ends before t = 1 the sampler's last step is the data prediction (:meth:`to_data`).
+        """
         conversions = [(self.prediction, "velocity")] + ([(self.prediction, "score")] if stochastic else [])
-        return path.time_range(conversions, margin=self.margin)
+        return path.time_range(conversions, margins=self.sample_margins, dtype=dtype)
 
     def target(self, sample: PathSample) -> Tensor:
         return sample.target(self.prediction)
@@ -90,3 +118,7 @@ class Objective:
 
     def to_score(self, path, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return path.convert(prediction, self.prediction, "score", x_t, t)
+
+    def to_data(self, path, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """``E[z | x_t]``, the denoiser, from the prediction (the sampler's last step)."""
+        return path.convert(prediction, self.prediction, "data", x_t, t)

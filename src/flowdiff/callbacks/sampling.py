@@ -95,7 +95,7 @@ class SamplePlot(L.Callback):
         y = ref["y"][:k] if pl_module.guidance is not None else None
         traj = pl_module.sample(k, y=y, return_trajectory=True, generator=torch.Generator().manual_seed(99))
         lo, hi = pl_module.objective.sample_time_range(pl_module.path)
-        v_fn = pl_module.vector_fields()[0]  # unconditional (null-label) field under CFG
+        v_fn = pl_module.vector_fields().velocity  # unconditional (null-label) field under CFG
 
         def velocity(grid, t):
             return v_fn(grid.to(pl_module.device), t.clamp(lo, hi).to(pl_module.device))

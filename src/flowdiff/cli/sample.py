@@ -208,7 +208,7 @@ def _likelihood(cfg, module, dm, n: int, device: str) -> dict:
     else:
         x = dm.test_set["x1"][:n]
     x = x.to(device)
-    velocity, _ = module.vector_fields()
+    velocity = module.vector_fields().velocity
     t_span = module.objective.sample_time_range(module.path)
     exact = None if lcfg.get("exact") is None else bool(lcfg.exact)
     parts, nfe = [], 0

@@ -89,11 +89,12 @@ class GaussianPath:
             return torch.zeros_like(alpha), torch.ones_like(alpha)
         return torch.ones_like(alpha), torch.zeros_like(alpha)  # data
 
-    def sample(self, z: Tensor, eps: Tensor, t: Tensor) -> PathSample:
+    def sample(self, z: Tensor, eps: Tensor, t: Tensor, generator: torch.Generator | None = None) -> PathSample:
         """Draw ``x_t = alpha_t z + beta_t eps`` for data ``z``, noise ``eps`` (same shape) and ``t`` ``(B,)``.
 
         ``eps`` is the source sample: the coupling may have re-paired it with ``z``. Each target is
-        ``a z + b eps`` with the coefficients of the table above.
+        ``a z + b eps`` with the coefficients of the table above. ``generator`` is unused (the draw is
+        deterministic given ``eps``); it keeps the interface of :class:`NoisyInterpolantPath`.
         """
         sched = self._schedule(t, z)
         targets = {}
@@ -102,6 +103,11 @@ class GaussianPath:
             targets[name] = a * z + b * eps
         alpha, beta = sched[:2]
         return PathSample(x_t=alpha * z + beta * eps, t=t, **targets)
+
+    def source_at(self, eps: Tensor, t: float) -> Tensor:
+        """Move a source draw ``eps ~ N(0, I)`` to time ``t``: ``beta_t eps ~ N(0, beta_t^2 I)``, the marginal ``p_t``
+        to first order in ``alpha_t`` (it neglects ``alpha_t z``), for sampling that starts at ``t > 0``."""
+        return self.schedule(torch.full((1,), float(t), dtype=eps.dtype, device=eps.device)).beta * eps
 
     def convert(self, prediction: Tensor, src: str, dst: str, x_t: Tensor, t: Tensor) -> Tensor:
         """Turn a ``src`` prediction at ``(x_t, t)`` into the ``dst`` one by exact algebra on the path.
@@ -123,26 +129,33 @@ class GaussianPath:
         return a2 * z + b2 * eps
 
     def time_range(
-        self, conversions: Iterable[tuple[str, str]] = (), targets: Iterable[str] = (), margin: float = 1e-3
+        self,
+        conversions: Iterable[tuple[str, str]] = (),
+        targets: Iterable[str] = (),
+        margins: float | tuple[float, float] = 1e-3,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[float, float]:
         """The interval ``[t_min, t_max]`` on which the ``(src, dst)`` conversions and the conditional
-        ``targets`` are finite.
+        ``targets`` are finite in ``dtype``.
 
-        Each end is probed in float64 and pulled in by ``margin`` where a quantity is not finite there:
+        Each end is probed in ``dtype`` (the one the caller computes in) and pulled in by its margin,
+        ``margins = (at t = 0, at t = 1)`` or one number for both, where a quantity is not finite there:
         the conversions divide by ``alpha_t`` (noise, score), ``beta_t`` (data, score) or
         ``alpha d_beta - beta d_alpha`` (velocity), and ``d_alpha, d_beta`` diverge at t = 1 for the
-        sqrt and VP schedules.
+        sqrt and VP schedules. The schedules are exact at their ends in every dtype, so a singular end
+        is seen as one.
         """
         conversions, targets = list(conversions), list(targets)
         for name in [n for pair in conversions for n in pair] + targets:
             _check(name)
-        one = torch.ones(1, 1, dtype=torch.float64)
+        m0, m1 = (margins, margins) if isinstance(margins, (int, float)) else margins
+        one = torch.ones(1, 1, dtype=dtype)
 
         def singular(t_end: float) -> bool:
-            t = torch.full((1,), t_end, dtype=torch.float64)
+            t = torch.full((1,), t_end, dtype=dtype)
             probe = self.sample(one, one, t)
             values = [probe.velocity] + [probe.target(n) for n in targets]
             values += [self.convert(one, src, dst, probe.x_t, t) for src, dst in conversions]
             return not all(bool(torch.isfinite(v).all()) for v in values)
 
-        return (margin if singular(0.0) else 0.0, 1.0 - margin if singular(1.0) else 1.0)
+        return (float(m0) if singular(0.0) else 0.0, 1.0 - float(m1) if singular(1.0) else 1.0)

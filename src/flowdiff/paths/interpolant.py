@@ -47,12 +47,13 @@ class NoisyInterpolantPath:
             )
         return prediction
 
-    def time_range(self, conversions=(), targets=(), margin: float = 1e-3) -> tuple[float, float]:
+    def time_range(self, conversions=(), targets=(), margins=1e-3, dtype=torch.float32) -> tuple[float, float]:
         """``[0, 1]`` unless the schedule's derivatives diverge at an end; refuses non-velocity quantities."""
         for src, dst in conversions:
             self.convert(torch.zeros(1), src, dst, torch.zeros(1), torch.zeros(1))
         for name in targets:
             self.convert(torch.zeros(1), "velocity", name, torch.zeros(1), torch.zeros(1))
-        ends = self.schedule(torch.tensor([0.0, 1.0], dtype=torch.float64))
+        m0, m1 = (margins, margins) if isinstance(margins, (int, float)) else margins
+        ends = self.schedule(torch.tensor([0.0, 1.0], dtype=dtype))
         ok = torch.isfinite(ends.d_alpha) & torch.isfinite(ends.d_beta)
-        return (0.0 if ok[0] else margin, 1.0 if ok[1] else 1.0 - margin)
+        return (0.0 if ok[0] else float(m0), 1.0 if ok[1] else 1.0 - float(m1))

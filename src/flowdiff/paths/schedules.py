@@ -4,6 +4,11 @@ Convention: t = 0 is noise (``alpha_0 = 0, beta_0 = 1``) and t = 1 is data
 (``alpha_1 = 1, beta_1 = 0``). Each schedule is called on times of shape ``(B,)``
 and returns ``alpha, beta, d_alpha, d_beta`` (each ``(B,)``), the derivatives in
 closed form.
+
+The ends are exact in the dtype in use: every formula is written so that t = 0 and t = 1 give
+exactly 0 or 1 in float32 as in float64 (``cos(pi/2)`` is -4.4e-8 in float32, so the cosine
+schedule's ``beta`` is ``sin(pi (1 - t) / 2)``). A sampler or conversion that divides by
+``beta_1`` must then see the singularity, not a tiny number of the wrong sign.
 """
 
 from __future__ import annotations
@@ -45,11 +50,14 @@ class CondOTSchedule(Schedule):
 
 
 class CosineSchedule(Schedule):
-    """Cosine path: ``alpha_t = sin(pi t / 2), beta_t = cos(pi t / 2)`` (variance preserving)."""
+    """Cosine path: ``alpha_t = sin(pi t / 2), beta_t = cos(pi t / 2)`` (variance preserving).
+
+    ``beta_t`` is computed as ``sin(pi (1 - t) / 2)``, exactly 0 at t = 1 in every dtype.
+    """
 
     def __call__(self, t: Tensor) -> ScheduleValues:
-        a = 0.5 * math.pi * t
-        return ScheduleValues(torch.sin(a), torch.cos(a), 0.5 * math.pi * torch.cos(a), -0.5 * math.pi * torch.sin(a))
+        alpha, beta = torch.sin(0.5 * math.pi * t), torch.sin(0.5 * math.pi * (1 - t))
+        return ScheduleValues(alpha, beta, 0.5 * math.pi * beta, -0.5 * math.pi * alpha)
 
 
 class LinearVPSchedule(Schedule):
@@ -70,7 +78,7 @@ class LinearVPSchedule(Schedule):
         delta = self.beta_max - self.beta_min
         alpha = torch.exp(-0.25 * s**2 * delta - 0.5 * s * self.beta_min)
         d_alpha = alpha * (0.5 * s * delta + 0.5 * self.beta_min)
-        beta = torch.sqrt(-torch.expm1(2 * torch.log(alpha)))  # sqrt(1 - alpha^2), accurate near t = 1
+        beta = torch.sqrt(torch.expm1(2 * torch.log(alpha)).abs())  # sqrt(1 - alpha^2), accurate near t = 1, +0 at 1
         return ScheduleValues(alpha, beta, d_alpha, -alpha * d_alpha / beta)
 
 

@@ -2,7 +2,9 @@
 
 Samplers know nothing about objectives or networks: they integrate a ``velocity_fn(x, t)``
 (and, for SDEs, a ``score_fn(x, t)``), with ``x`` of shape ``(B, ...)`` and ``t`` of shape ``(B,)``,
-from noise at ``t_min`` (about 0) to data at ``t_max`` (about 1).
+from noise at ``t_min`` (about 0) to data at ``t_max`` (about 1). Where the span ends before t = 1
+and a ``data_fn(x, t) = E[z | x_t]`` is given, the last step jumps to t = 1 with it (one more
+evaluation): the state at ``t_max < 1`` still carries noise of size ``beta_{t_max}``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ FieldFn = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass
 class SampleResult:
-    """The final sample ``x`` ``(B, ...)``, the trajectory ``(T+1, B, ...)`` on ``times`` when asked, and the NFE."""
+    """The final sample ``x`` ``(B, ...)``, the trajectory ``(T+1, B, ...)`` on ``times`` when asked, and the NFE.
+
+    ``denoised``: the last step was the data prediction, from ``times[-2]`` to ``times[-1] = 1``.
+    """
 
     x: Tensor
     times: Tensor
     nfe: int
     trajectory: Tensor | None = None
+    denoised: bool = False
+
+    @property
+    def t_end(self) -> float:
+        """Where the integration stopped (before the denoising jump, if any)."""
+        return float(self.times[-2] if self.denoised else self.times[-1])
 
 
 def time_grid(steps: int, t_min: float = 0.0, t_max: float = 1.0, device=None, dtype=torch.float32) -> Tensor:
@@ -54,17 +65,20 @@ class Sampler:
 
     The span actually used is the intersection of ``[t_min, t_max]`` with the ``t_span``
     passed to :meth:`sample` (the objective's safe range, see ``Objective.sample_time_range``).
+    ``denoise``: end with the data prediction where the span stops before t = 1 (and ``data_fn`` is given).
+    Subclasses implement :meth:`integrate` on the grid.
     """
 
     #: whether the sampler needs ``score_fn`` (SDE samplers)
     stochastic: bool = False
 
-    def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0) -> None:
+    def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0, denoise: bool = True) -> None:
         if steps < 1:
             raise ValueError(f"sampler.steps must be >= 1, got {steps}")
         self.steps = steps
         self.t_min = t_min
         self.t_max = t_max
+        self.denoise = denoise
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "path")
@@ -75,16 +89,44 @@ class Sampler:
             self.steps, max(self.t_min, t_span[0]), min(self.t_max, t_span[1]), device=x0.device, dtype=x0.dtype
         )
 
+    @torch.no_grad()
     def sample(
         self,
         velocity_fn: FieldFn,
         x0: Tensor,
         *,
         score_fn: FieldFn | None = None,
+        data_fn: FieldFn | None = None,
         t_span: tuple[float, float] = (0.0, 1.0),
         return_trajectory: bool = False,
         generator: torch.Generator | None = None,
+    ) -> SampleResult:
+        """Integrate from ``x0`` at the span's start; ``generator`` drives the noise of SDE samplers."""
+        if self.stochastic and score_fn is None:
+            raise ValueError(f"{type(self).__name__} needs a score_fn (the model gives it through the path)")
+        times = self.grid(x0, t_span)
+        out = self.integrate(
+            velocity_fn, x0, times, score_fn=score_fn, return_trajectory=return_trajectory, generator=generator
+        )
+        if not self.denoise or data_fn is None or float(times[-1]) >= 1.0:
+            return out
+        # the last step: x_1 = E[z | x_{t_end}], one evaluation (DDPM's and EDM's final denoising)
+        x = data_fn(out.x, full_time(times[-1], x0.shape[0], x0))
+        traj = None if out.trajectory is None else torch.cat([out.trajectory, x[None]])
+        times = torch.cat([times, times.new_ones(1)])
+        return SampleResult(x, times, out.nfe + 1, traj, denoised=True)
+
+    def integrate(
+        self,
+        velocity_fn: FieldFn,
+        x0: Tensor,
+        times: Tensor,
+        *,
+        score_fn: FieldFn | None = None,
+        return_trajectory: bool = False,
+        generator: torch.Generator | None = None,
     ) -> SampleResult:  # pragma: no cover - interface
+        """Integrate on the grid ``times`` ``(T+1,)``; the result's ``x`` is the state at ``times[-1]``."""
         raise NotImplementedError
 
 
@@ -94,9 +136,7 @@ class FixedStepSampler(Sampler):
     def step(self, f: FieldFn, x: Tensor, t: float, h: float) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    @torch.no_grad()
-    def sample(self, velocity_fn, x0, *, score_fn=None, t_span=(0.0, 1.0), return_trajectory=False, generator=None):
-        times = self.grid(x0, t_span)
+    def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
         counted = CountedField(velocity_fn)
         batch = x0.shape[0]
 

@@ -20,8 +20,16 @@ from flowdiff.utils import broadcast_time, full_time
 class DDIMSampler(Sampler):
     """DDIM (``eta = 0``) to DDPM (``eta = 1``) steps built from any objective's prediction, via the path."""
 
-    def __init__(self, path, eta: float = 0.0, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0) -> None:
-        super().__init__(steps, t_min, t_max)
+    def __init__(
+        self,
+        path,
+        eta: float = 0.0,
+        steps: int = 100,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        denoise: bool = True,
+    ) -> None:
+        super().__init__(steps, t_min, t_max, denoise)
         if not hasattr(path, "convert") or "data" not in path.parameterisations:
             raise ValueError("the ddim sampler needs a Gaussian path (a Gaussian source)")
         if not 0 <= eta <= 1:  # beyond 1 the variance beta'^2 - s^2 of the eps_hat term would be negative
@@ -35,9 +43,7 @@ class DDIMSampler(Sampler):
         lo, hi = self._own_range
         return super().grid(x0, (max(t_span[0], lo), min(t_span[1], hi)))
 
-    @torch.no_grad()
-    def sample(self, velocity_fn, x0, *, score_fn=None, t_span=(0.0, 1.0), return_trajectory=False, generator=None):
-        times = self.grid(x0, t_span)
+    def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
         counted = CountedField(velocity_fn)
         x, traj = x0, [x0] if return_trajectory else None
         ts = times.tolist()

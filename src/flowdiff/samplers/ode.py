@@ -3,7 +3,6 @@ and adaptive Dormand-Prince (dopri5) through torchdiffeq."""
 
 from __future__ import annotations
 
-import torch
 from torchdiffeq import odeint
 
 from flowdiff.samplers.base import CountedField, FieldFn, FixedStepSampler, Sampler, SampleResult
@@ -47,15 +46,19 @@ class Dopri5Sampler(Sampler):
     """Adaptive Dormand-Prince 5(4) by ``torchdiffeq.odeint``; ``steps`` only sets the trajectory's output times."""
 
     def __init__(
-        self, rtol: float = 1e-5, atol: float = 1e-5, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0
+        self,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        steps: int = 100,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        denoise: bool = True,
     ):
-        super().__init__(steps, t_min, t_max)
+        super().__init__(steps, t_min, t_max, denoise)
         self.rtol = rtol
         self.atol = atol
 
-    @torch.no_grad()
-    def sample(self, velocity_fn, x0, *, score_fn=None, t_span=(0.0, 1.0), return_trajectory=False, generator=None):
-        times = self.grid(x0, t_span)
+    def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
         counted = CountedField(velocity_fn)
 
         def f(t, x):  # torchdiffeq's argument order, scalar t

@@ -20,6 +20,15 @@ from flowdiff.samplers.base import CountedField, Sampler, SampleResult
 from flowdiff.utils import broadcast_time, full_time
 
 
+def score_drift(velocity: Tensor | float, score: Tensor, sigma: Tensor | float) -> Tensor:
+    """The drift ``u_t(x) + sigma_t^2 / 2 * score_t(x)`` of the SDE extension trick (``u = 0``: Langevin dynamics).
+
+    ``sigma`` is a number or a ``(B,)`` tensor of per-sample ``sigma_t``.
+    """
+    half_var = 0.5 * (broadcast_time(sigma, score) if isinstance(sigma, Tensor) else sigma) ** 2
+    return velocity + half_var * score
+
+
 def simulate_sde(
     drift: Callable[[Tensor, Tensor], Tensor],
     diffusion: Callable[[Tensor, Tensor], Tensor | float],
@@ -72,14 +81,15 @@ class EulerMaruyamaSampler(Sampler):
         self,
         path,
         sigma: float = 1.0,
-        sigma_schedule: Literal["constant", "beta"] = "constant",
+        sigma_schedule: Literal["constant", "beta"] = "beta",
         langevin_steps: int = 0,
         langevin_step: float = 0.01,
         steps: int = 100,
         t_min: float = 0.0,
         t_max: float = 1.0,
+        denoise: bool = True,
     ) -> None:
-        super().__init__(steps, t_min, t_max)
+        super().__init__(steps, t_min, t_max, denoise)
         if sigma_schedule not in ("constant", "beta"):
             raise ValueError(f"unknown sigma_schedule {sigma_schedule!r}; choose constant or beta")
         if sigma < 0 or langevin_steps < 0 or langevin_step <= 0:
@@ -96,15 +106,11 @@ class EulerMaruyamaSampler(Sampler):
             return torch.full_like(t, self.sigma)
         return self.sigma * self.path.schedule(t).beta
 
-    @torch.no_grad()
-    def sample(self, velocity_fn, x0, *, score_fn=None, t_span=(0.0, 1.0), return_trajectory=False, generator=None):
-        if score_fn is None:
-            raise ValueError("euler_maruyama needs a score_fn (the model gives it through the path)")
-        times = self.grid(x0, t_span)
+    def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
         corrector_evals = 0
 
         def drift(x: Tensor, t: Tensor) -> Tensor:
-            return velocity_fn(x, t) + broadcast_time(0.5 * self.sigma_t(t) ** 2, x) * score_fn(x, t)
+            return score_drift(velocity_fn(x, t), score_fn(x, t), self.sigma_t(t))
 
         def diffusion(x: Tensor, t: Tensor) -> Tensor:
             return self.sigma_t(t)
