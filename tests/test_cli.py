@@ -56,8 +56,15 @@ def test_sample_is_reproducible_and_sweepable(trained, tmp_path):
         assert "NFE 14" in proc.stdout
         outs.append(torch.load(d / "samples.pt"))
         metrics = json.loads((d / "metrics.json").read_text())
-        assert metrics["nfe"] == 14 and metrics["guidance_scale"] == 3 and metrics["w2"] > 0
+        assert metrics["nfe"] == 14 and metrics["guidance_scale"] == 3
         assert (d / "samples.png").exists()
+    # the reported W2 is that of the saved samples against the test set (recomputed here)
+    from flowdiff.cli.sample import load_checkpoint
+    from flowdiff.metrics import w2
+
+    _, dm, _ = load_checkpoint(ckpt)
+    m = metrics["w2_n"]
+    assert metrics["w2"] == pytest.approx(w2(outs[-1]["x"][:m], dm.test_set["x1"][:m]), rel=1e-9)
     assert torch.equal(outs[0]["x"], outs[1]["x"])
     assert not torch.equal(outs[0]["x"], outs[2]["x"])
     sweep = tmp_path / "sweep"

@@ -180,6 +180,53 @@ def test_checkpoint_carries_config_and_ema_weights(tmp_path):
     # Lightning's EMA stores the average as the state_dict and the live weights apart
     assert any(not torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in ckpt["state_dict"])
     assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 30
+    # sample.py's loader samples from the average, not the live weights
+    from flowdiff.cli.sample import load_checkpoint
+
+    module, _, _ = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][name]), name
+    assert any(not torch.equal(v, ckpt["current_model_state"][k]) for k, v in module.state_dict().items())
+
+
+def test_labels_are_dropped_inside_training_and_kept_in_validation(tmp_path, monkeypatch):
+    """guidance.p_uncond = 0.5: about half the labels the net sees in training steps are the null label, none in
+    validation (which must be the conditional loss, with fixed noise)."""
+    from flowdiff.nets.mlp import MLP
+
+    seen = {"train": [], "val": []}
+    forward = MLP.forward
+
+    def recording(self, x, t, y=None):
+        if y is not None:
+            seen["train" if torch.is_grad_enabled() else "val"].append(y.detach().clone())
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(MLP, "forward", recording)
+    cfg = compose_cfg(["guidance=cfg", "guidance.p_uncond=0.5", "callbacks.ema=null", *FAST], tmp_path)
+    train(cfg)
+    null = 8  # 8gaussians has 8 classes; the null label is the last row of the embedding
+    train_y, val_y = torch.cat(seen["train"]), torch.cat(seen["val"])
+    assert abs((train_y == null).float().mean().item() - 0.5) < 0.1, (train_y == null).float().mean()
+    assert (val_y != null).all() and len(val_y) > 0
+
+
+def test_resuming_from_ckpt_path_continues_the_run(tmp_path):
+    """ckpt_path=last.ckpt with a larger max_steps goes on from the saved step, optimizer state included."""
+    first = tmp_path / "first"
+    train(compose_cfg(["trainer.max_steps=6", *FAST[1:]], first))
+    saved = torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)
+    second = tmp_path / "second"
+    metrics = train(
+        compose_cfg(["trainer.max_steps=12", *FAST[1:], f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"], second)
+    )
+    assert metrics["global_step"] == 12
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
+    adam_steps = {int(v["step"]) for v in resumed["optimizer_states"][0]["state"].values()}
+    assert saved["global_step"] == 6 and resumed["global_step"] == 12 and adam_steps == {12}
+    rows = (second / "csv" / "metrics.csv").read_text().splitlines()
+    steps = [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:]]
+    assert min(steps) >= 6, steps  # the second run logs only steps after the resumed one
 
 
 def test_a_run_ending_between_epochs_validates_and_saves_its_final_weights(tmp_path):

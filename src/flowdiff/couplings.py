@@ -11,6 +11,7 @@ At batch 256 on 2 CPU cores ``ot.emd`` took 10-14 ms, scipy's ``linear_sum_assig
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -24,14 +25,17 @@ Batch = tuple[Tensor, Tensor, Tensor | None]
 class Coupling:
     """Re-pair a batch: ``(x0, z, y) -> (x0', z', y')``; labels stay with their data points."""
 
-    def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None) -> Batch:  # pragma: no cover
+    def __call__(
+        self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Batch:  # pragma: no cover
+        """``generator`` (CPU) drives any random draw; ``None``: torch's global RNG, which ``seed_everything`` seeds."""
         raise NotImplementedError
 
 
 class IndependentCoupling(Coupling):
     """The product coupling ``q(x0) q(z)``: the batch as drawn."""
 
-    def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None) -> Batch:
+    def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator=None) -> Batch:
         return x0, z, y
 
     def __repr__(self) -> str:
@@ -42,12 +46,17 @@ class MinibatchOTCoupling(Coupling):
     """Pair ``x0`` and ``z`` along the optimal transport plan of the batch.
 
     Args:
-        method: ``"exact"`` (assignment / ``ot.emd``) or ``"sinkhorn"`` (``ot.sinkhorn`` with ``reg``,
-            on the cost divided by its maximum, as in torchcfm).
-        reg: entropic regularisation for Sinkhorn.
+        method: ``"exact"`` (assignment / ``ot.emd``) or ``"sinkhorn"`` (``ot.sinkhorn`` with ``reg``).
+        reg: entropic regularisation for Sinkhorn, relative to the batch's largest cost: flowdiff divides
+            the cost by its maximum so that ``reg`` means the same at any data scale (torchcfm's
+            ``OTPlanSampler`` does so only with ``normalize_cost=True``, which is not its default).
         by_label: pair only points of the same label (the source points are split at random
             among the labels in proportion to the data's label counts).
-        seed: seeds the draws from non-permutation plans.
+
+    Draws (from non-permutation plans, and the label split) use torch's RNG, so ``seed_everything`` fixes
+    them, and validation passes its own generator without moving the training stream. A plan that is not
+    finite (Sinkhorn underflow at a tiny ``reg``) falls back to the independent pairing with a warning, as
+    torchcfm does.
     """
 
     def __init__(
@@ -55,19 +64,21 @@ class MinibatchOTCoupling(Coupling):
         method: Literal["exact", "sinkhorn"] = "exact",
         reg: float = 0.05,
         by_label: bool = False,
-        seed: int | None = None,
     ) -> None:
         if method not in ("exact", "sinkhorn"):
             raise ValueError(f"unknown OT method {method!r}; choose exact or sinkhorn")
+        if reg <= 0:
+            raise ValueError(f"coupling.reg must be > 0, got {reg}")
         self.method = method
         self.reg = reg
         self.by_label = by_label
-        self.rng = np.random.default_rng(seed)
 
     def __repr__(self) -> str:
         return f"MinibatchOTCoupling(method={self.method!r}, reg={self.reg}, by_label={self.by_label})"
 
-    def plan_indices(self, x0: Tensor, z: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def plan_indices(
+        self, x0: Tensor, z: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Index arrays ``(i, j)`` of length ``len(z)``: pair ``x0[i[k]]`` with ``z[j[k]]``."""
         cost = torch.cdist(x0.detach().flatten(1).double(), z.detach().flatten(1).double()).pow(2).cpu().numpy()
         n0, n1 = cost.shape
@@ -80,25 +91,33 @@ class MinibatchOTCoupling(Coupling):
                     return rows, np.arange(n1)
         else:
             plan = ot.sinkhorn(a, b, cost / max(cost.max(), 1e-12), reg=self.reg)
-        p = plan.ravel() / plan.sum()
-        flat = self.rng.choice(n0 * n1, size=n1, p=p, replace=True)
+        if not np.isfinite(plan).all() or plan.sum() < 1e-8:
+            warnings.warn(
+                f"the {self.method} OT plan is not finite (reg={self.reg} too small?): this batch is paired "
+                "independently",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            plan = np.outer(a, b)
+        p = torch.as_tensor(plan.ravel() / plan.sum())
+        flat = torch.multinomial(p, n1, replacement=True, generator=generator).numpy()
         return np.divmod(flat, n1)
 
-    def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None) -> Batch:
+    def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator=None) -> Batch:
         if not self.by_label or y is None:
-            i, j = self.plan_indices(x0, z)
+            i, j = self.plan_indices(x0, z, generator)
         else:
             if x0.shape[0] != z.shape[0]:
                 raise ValueError("label-aware OT needs as many source as data points")
             labels = y.cpu().numpy()
-            source_order = self.rng.permutation(x0.shape[0])
+            source_order = torch.randperm(x0.shape[0], generator=generator).numpy()
             i_parts, j_parts, start = [], [], 0
             for c in np.unique(labels):
                 jz = np.flatnonzero(labels == c)
                 i0 = source_order[start : start + len(jz)]
                 start += len(jz)
                 i, j = self.plan_indices(
-                    x0[torch.as_tensor(i0, device=x0.device)], z[torch.as_tensor(jz, device=z.device)]
+                    x0[torch.as_tensor(i0, device=x0.device)], z[torch.as_tensor(jz, device=z.device)], generator
                 )
                 i_parts.append(i0[i])
                 j_parts.append(jz[j])

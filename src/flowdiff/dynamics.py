@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from flowdiff.samplers.base import SampleResult
-from flowdiff.samplers.sde import simulate_sde
+from flowdiff.samplers.sde import score_drift, simulate_sde
 
 
 class SDE:
@@ -80,7 +80,7 @@ class LangevinDynamics(SDE):
         self.sigma = sigma
 
     def drift(self, x, t):
-        return 0.5 * self.sigma**2 * self.score(x)
+        return score_drift(0.0, self.score(x), self.sigma)
 
     def diffusion(self, x, t):
         return self.sigma

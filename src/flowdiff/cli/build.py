@@ -67,11 +67,12 @@ def build_coupling(cfg: DictConfig) -> Coupling:
     raise ConfigError(f"unknown coupling {name!r}; use coupling=independent, coupling=ot or coupling=sinkhorn")
 
 
-def build_guidance(cfg: DictConfig, num_classes: int) -> ClassifierFreeGuidance | None:
+def build_guidance(cfg: DictConfig, net: torch.nn.Module) -> ClassifierFreeGuidance | None:
+    """Classifier-free guidance with the net's own null label (the last row of its label embedding)."""
     kw = plain_dict(cfg.guidance)
     if kw.pop("name") == "none":
         return None
-    return ClassifierFreeGuidance(null_label=num_classes, **kw)
+    return ClassifierFreeGuidance(null_label=net.null_label, **kw)
 
 
 def build_sampler_from(sampler_cfg: DictConfig | dict, path) -> Sampler:
@@ -131,8 +132,9 @@ def build_module(cfg: DictConfig, datamodule) -> FlowModule:
     """The :class:`FlowModule` for ``cfg`` (validated first); the network's sizes come from the data."""
     validate(cfg, datamodule)
     path = build_path(cfg, datamodule.gaussian_source)
-    guidance = build_guidance(cfg, datamodule.num_classes)
-    net = build_net(cfg, datamodule.data_shape, datamodule.num_classes if guidance else 0)
+    conditional = cfg.guidance.name != "none"
+    net = build_net(cfg, datamodule.data_shape, datamodule.num_classes if conditional else 0)
+    guidance = build_guidance(cfg, net)
     source = None
     if not datamodule.gaussian_source:
         toy = datamodule.source  # a distribution object, not the datamodule

@@ -105,6 +105,3 @@ class ToyDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._fixed(self.test_set)

@@ -19,6 +19,15 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
     return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
+def labels_or_null(y: Tensor | None, x: Tensor, null: int) -> Tensor:
+    """``y``, or the null label for every sample of ``x`` when there are no labels (the unconditional model).
+
+    Every net with a label embedding has ``num_classes + 1`` rows, the last (index ``num_classes``) the
+    learned null label; the net's ``null_label`` is the one definition, which guidance reads.
+    """
+    return torch.full((x.shape[0],), null, device=x.device, dtype=torch.long) if y is None else y
+
+
 class MLP(nn.Module):
     """``depth`` hidden layers of ``width`` units on ``[x, time features, class embedding]``.
 
@@ -71,7 +80,5 @@ class MLP(nn.Module):
             t[:, None].to(x.dtype) if self.time_dim == 0 else sinusoidal_embedding(t.to(x.dtype), self.time_dim),
         ]
         if self.class_embedding is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
-            feats.append(self.class_embedding(y))
+            feats.append(self.class_embedding(labels_or_null(y, x, self.null_label)))
         return self.body(torch.cat(feats, 1))

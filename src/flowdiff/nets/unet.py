@@ -22,17 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowdiff.nets.mlp import sinusoidal_embedding
+from flowdiff.nets.mlp import labels_or_null, sinusoidal_embedding
 
 
 def _image_shape(data_shape: Sequence[int], net: str) -> tuple[int, int, int]:
     if len(data_shape) != 3:
         raise ValueError(f"net={net} is for images (C, H, W), but the data has shape {tuple(data_shape)}: use net=mlp")
     return tuple(int(s) for s in data_shape)  # type: ignore[return-value]
-
-
-def _null_labels(y: Tensor | None, x: Tensor, null: int) -> Tensor:
-    return torch.full((x.shape[0],), null, device=x.device, dtype=torch.long) if y is None else y
 
 
 # ---------------------------------------------------------------------------------------------- course UNet
@@ -150,7 +146,7 @@ class CourseUNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         t_emb = self.time_embedder(t.to(x.dtype))
-        y_emb = None if self.y_embedder is None else self.y_embedder(_null_labels(y, x, self.null_label))
+        y_emb = None if self.y_embedder is None else self.y_embedder(labels_or_null(y, x, self.null_label))
         h = self.init_conv(x)
         skips = []
         for encoder in self.encoders:
@@ -305,7 +301,7 @@ class ADMUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         emb = self.time_embed(sinusoidal_embedding(t.to(x.dtype), self.channels))
         if self.label_emb is not None:
-            emb = emb + self.label_emb(_null_labels(y, x, self.null_label))
+            emb = emb + self.label_emb(labels_or_null(y, x, self.null_label))
         h = self.input_conv(x)
         skips = [h]
         for step in self.inputs:
