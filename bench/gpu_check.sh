@@ -12,6 +12,8 @@
 #   throughput  CIFAR UNet training, flowdiff's ADMUNet vs torchcfm's UNetModelWrapper, one raw loop
 #   cifar       train.py experiment=cifar10 (Lightning, bf16 + channels-last + compile), then 10,000 samples at 100 NFE
 #   lab3        the full lab 3 (5,000 steps, batch 250), sample.py -m guidance.scale=1,3,5, bits/dim
+#   precision   lab 3 for PSTEPS steps (default 1,000, EMA 0.995) in fp32 and bf16-mixed: throughput and classifier FID side
+#               by side (issue 9)
 # QUICK=1 shrinks every stage (to check the script on a CPU machine). Work happens in $W; at the end the logs,
 # metrics and grids are packed into $OUT/results.tgz (the device tool brings back at most 8 files).
 set -u
@@ -83,7 +85,16 @@ lab3)
   grep -E "bits/dim" "$OUT/lab3_nll.log" || tail -5 "$OUT/lab3_nll.log"
   cp "$OUT"/lab3/grids/last_w*.png "$OUT"/ 2>/dev/null
   rm -rf "$OUT"/lab3_sweep/*/samples.pt "$OUT"/lab3_nll/samples.pt ;;
-*) echo "unknown stage $s (pytest, throughput, cifar, lab3)" ;;
+precision)
+  for prec in 32-true bf16-mixed; do
+    stage "precision_$prec" 150 python3 train.py experiment=lab3_mnist $TRAINER trainer.precision=$prec \
+      data.root="$MNIST" data.num_workers=$(q 8 0) trainer.max_steps=$(q ${PSTEPS:-1000} 4) \
+      data.steps_per_epoch=$(q ${PSTEPS:-1000} 4) sampler.steps=$(q 100 2) callbacks.image_metrics.n=$(q 1000 50) \
+      callbacks.throughput.skip=$(q 100 1) callbacks.ema.decay=0.995 callbacks.grid=null $COMMON \
+      hydra.run.dir="$OUT/precision_$prec"
+    grep -E "throughput|val/fid|class_acc" "$OUT/precision_$prec.log" || tail -5 "$OUT/precision_$prec.log"
+  done ;;
+*) echo "unknown stage $s (pytest, throughput, cifar, lab3, precision)" ;;
 esac
 done
 find "$W" -name "*.ckpt" -delete

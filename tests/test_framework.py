@@ -105,7 +105,8 @@ def test_cfg_makes_one_forward_per_evaluation(tmp_path):
     assert out.nfe == 10 and len(calls) == 10 and set(calls) == {32}  # doubled batch, one forward each
     calls.clear()
     em = build_sampler_from({"name": "euler_maruyama", "steps": 7}, module.path)
-    assert module.sample(16, sampler=em, y=torch.zeros(16, dtype=torch.long)).nfe == 7 and len(calls) == 7
+    # 7 steps to t = 0.999 (the score is infinite at 1) and the last step to the data prediction: 8 forwards
+    assert module.sample(16, sampler=em, y=torch.zeros(16, dtype=torch.long)).nfe == 8 and len(calls) == 8
 
 
 @pytest.mark.parametrize(

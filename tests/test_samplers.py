@@ -279,15 +279,22 @@ def test_float32_sampling_lands_on_the_exact_answer(schedule_name, objective):
     mu, s, n = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5, 1000
     oracle = GaussianOracle(schedule, mu, s)
     obj = shipped_objective(objective)
-    module = FlowModule(OracleNet(oracle, obj.prediction), path, obj, (2,))
+    moments = (mu.float(), torch.full((2,), s**2))  # the data's mean and variance, for a start at t0 > 0
+    module = FlowModule(OracleNet(oracle, obj.prediction), path, obj, (2,), data_moments=lambda: moments)
     eps = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for name, (base, settings) in FLOAT32_SAMPLERS.items():
         smp = build_sampler(base, path=path, **settings)
-        t0 = smp.grid(eps, obj.sample_time_range(path, stochastic=smp.stochastic))[0].item()
-        a0, _, _, _, var0, _ = oracle._terms(eps, torch.full((n,), t0, dtype=torch.float64))
-        x0 = (a0 * mu + var0.sqrt() * eps).float()  # the exact law at the first time
-        out = module.sample(n, sampler=smp, x0=x0, generator=torch.Generator().manual_seed(1))
+        out = module.sample(
+            n, sampler=smp, x0=eps.float(), generator=torch.Generator().manual_seed(1), return_trajectory=True
+        )
         assert out.x.dtype == torch.float32 and out.times[-1].item() == 1.0, name
+        # a start t0 > 0 moves the source N(0, I) to the Gaussian with the marginal's moments: here, the marginal
+        t0, x0 = out.times[0].item(), out.trajectory[0]
+        if t0 > 0:
+            a0, _, _, _, var0, _ = oracle._terms(eps, torch.full((n,), t0, dtype=torch.float64))
+            torch.testing.assert_close(x0.double(), a0 * mu + var0.sqrt() * eps, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(x0, eps.float())
         t_end = torch.full((n,), out.t_end, dtype=torch.float64)
         a, _, _, _, var, _ = oracle._terms(eps, t_end)
         exact = oracle.flow(x0.double(), t0, out.t_end)

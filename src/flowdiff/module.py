@@ -47,6 +47,9 @@ class FlowModule(L.LightningModule):
             on GPUs, above all under bf16).
         autocast_dtype: run the network under autocast to this dtype when sampling on a GPU (the solver's
             state stays in the input's dtype); ``None``: no autocast.
+        data_moments: ``() -> (mean, var)`` of the data per coordinate (called once, when first needed): sampling
+            that starts at t0 > 0 (noise and score objectives) draws its start from the Gaussian with the moments
+            of ``p_t0`` (:meth:`GaussianPath.source_at`).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class FlowModule(L.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        data_moments: Callable[[], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         super().__init__()
         objective.check_path(path)
@@ -80,6 +84,8 @@ class FlowModule(L.LightningModule):
         self.train_t_range = objective.train_time_range(path)  # probed in float32, what training computes in
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
         self.autocast_dtype = autocast_dtype
+        self._data_moments_fn = data_moments
+        self._data_moments: tuple[Tensor, Tensor] | None = None
         self.channels_last = channels_last and len(self.data_shape) == 3
         if self.channels_last:
             net.to(memory_format=torch.channels_last)
@@ -186,6 +192,12 @@ class FlowModule(L.LightningModule):
 
         return VectorFields(velocity, score, data if "data" in self.path.parameterisations else None)
 
+    def data_moments(self) -> tuple[Tensor | None, Tensor | None]:
+        """The data's per-coordinate mean and variance, or ``(None, None)`` when the module was built without them."""
+        if self._data_moments is None and self._data_moments_fn is not None:
+            self._data_moments = self._data_moments_fn()
+        return self._data_moments if self._data_moments is not None else (None, None)
+
     def draw_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         if self.source is not None:
             return self.source(n, generator).to(self.device)
@@ -226,7 +238,7 @@ class FlowModule(L.LightningModule):
             t_span = self.objective.sample_time_range(self.path, stochastic=sampler.stochastic, dtype=x0.dtype)
             t_start = float(sampler.grid(x0, t_span)[0])
             if self.source is None and t_start > 0 and hasattr(self.path, "source_at"):
-                x0 = self.path.source_at(x0, t_start)  # N(0, I) is p_0; p_t0 is about N(0, beta_t0^2 I)
+                x0 = self.path.source_at(x0, t_start, *self.data_moments())  # N(0, I) is p_0, not p_t0
             return sampler.sample(
                 fields.velocity,
                 x0,

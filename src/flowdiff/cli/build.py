@@ -156,6 +156,7 @@ def build_module(cfg: DictConfig, datamodule) -> FlowModule:
         compile=bool(cfg.get("compile", False)),
         channels_last=bool(cfg.get("channels_last", False)),
         autocast_dtype=torch.bfloat16 if str(cfg.trainer.get("precision", "")).startswith("bf16") else None,
+        data_moments=datamodule.data_moments,
     )
     module.run_config = plain_dict(cfg)
     return module

@@ -87,6 +87,11 @@ class ToyDataModule(L.LightningDataModule):
             batch["x0"] = self.source.sample(n, generator)[0]
         return batch
 
+    def data_moments(self, n: int = 10_000) -> tuple[Tensor, Tensor]:
+        """Per-coordinate mean and variance of the data, from ``n`` fixed draws."""
+        x = self.target.sample(n, torch.Generator().manual_seed(self.seed + 3_000_003))[0]
+        return x.mean(0), x.var(0)
+
     def sample_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` source points (standard normal unless a source dataset is set)."""
         if self.source is None:

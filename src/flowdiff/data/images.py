@@ -326,6 +326,11 @@ class ImageDataModule(L.LightningDataModule):
             return torch.zeros(0, *self.data_shape), torch.zeros(0, dtype=torch.long)
         return torch.cat(xs), torch.cat(ys)
 
+    def data_moments(self, n: int = 2_000) -> tuple[Tensor, Tensor]:
+        """Per-pixel mean and variance ``(C, H, W)`` of up to ``n`` training images, in the model's [-1, 1] scale."""
+        x, _ = self.real_images(n, "train")
+        return x.mean(0), x.var(0)
+
     def _unaugmented_train(self) -> Dataset:
         flip, self.hflip = self.hflip, False
         try:

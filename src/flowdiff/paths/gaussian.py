@@ -104,10 +104,15 @@ class GaussianPath:
         alpha, beta = sched[:2]
         return PathSample(x_t=alpha * z + beta * eps, t=t, **targets)
 
-    def source_at(self, eps: Tensor, t: float) -> Tensor:
-        """Move a source draw ``eps ~ N(0, I)`` to time ``t``: ``beta_t eps ~ N(0, beta_t^2 I)``, the marginal ``p_t``
-        to first order in ``alpha_t`` (it neglects ``alpha_t z``), for sampling that starts at ``t > 0``."""
-        return self.schedule(torch.full((1,), float(t), dtype=eps.dtype, device=eps.device)).beta * eps
+    def source_at(self, eps: Tensor, t: float, mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
+        """Move a source draw ``eps ~ N(0, I)`` to the start time ``t > 0`` of sampling: the Gaussian with the first
+        two moments of the marginal ``p_t``, ``alpha_t mean + sqrt(beta_t^2 + alpha_t^2 var) eps``, for data of
+        per-coordinate ``mean`` and ``var`` (shaped like one sample); without them ``beta_t eps``."""
+        s = self.schedule(torch.full((1,), float(t), dtype=eps.dtype, device=eps.device))
+        if mean is None or var is None:
+            return s.beta * eps
+        mean, var = mean.to(eps), var.to(eps)
+        return s.alpha * mean + torch.sqrt(s.beta**2 + s.alpha**2 * var) * eps
 
     def convert(self, prediction: Tensor, src: str, dst: str, x_t: Tensor, t: Tensor) -> Tensor:
         """Turn a ``src`` prediction at ``(x_t, t)`` into the ``dst`` one by exact algebra on the path.
