@@ -255,3 +255,27 @@ def test_optimizer_and_scheduler_are_partials(tmp_path):
     assert isinstance(conf["optimizer"], torch.optim.AdamW)
     assert conf["lr_scheduler"]["interval"] == "step"
     assert instantiate(cfg.optimizer).keywords["lr"] == 1e-3
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint(tmp_path):
+    """lr = 1e30 blows the weights up after the first update: the run stops with one sentence (exit code 3)."""
+    from test_cli import run
+
+    proc = run("train.py", "optimizer.lr=1e30", *FAST, f"hydra.run.dir={tmp_path / 'stop'}", check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("stopped: the training loss is") and "at step" in line and "last checkpoint:" in line
+    assert "nan_policy=skip" in line and "Traceback" not in proc.stderr
+
+
+def test_nan_policy_skip_counts_the_skipped_batches_and_leaves_the_weights_finite(tmp_path):
+    cfg = compose_cfg(["nan_policy=skip", *FAST], tmp_path)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    batch = dm.draw(16)
+    batch["x1"][0, 0] = float("nan")  # one poisoned data point
+    assert module.training_step(batch, 0) is None and module.skipped_batches == 1
+    assert torch.isfinite(module.training_step(dm.draw(16), 1))
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    with pytest.raises(ConfigError, match="nan_policy=often is unknown"):
+        build_module(compose_cfg(["nan_policy=often", *FAST], tmp_path), dm)

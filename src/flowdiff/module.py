@@ -19,6 +19,10 @@ SourceFn = Callable[[int, "torch.Generator | None"], Tensor]
 FieldFn = Callable[[Tensor, Tensor], Tensor]
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or Inf (``nan_policy=stop``); the message names the step and the last checkpoint."""
+
+
 class VectorFields(NamedTuple):
     """The trained model's fields at ``(x, t)``, all from one network forward: the velocity (ODEs), the score
     (SDEs) and the data prediction ``E[z | x_t]`` (the sampler's last step; ``None`` off Gaussian paths)."""
@@ -47,6 +51,9 @@ class FlowModule(L.LightningModule):
             on GPUs, above all under bf16).
         autocast_dtype: run the network under autocast to this dtype when sampling on a GPU (the solver's
             state stays in the input's dtype); ``None``: no autocast.
+        nan_policy: a NaN or Inf training loss ``"stop"``s the run, naming the step and the last checkpoint, or is
+            ``"skip"``ped (no update from that batch; counted in ``train/skipped_batches``). Either costs one
+            host synchronisation per step; ``"off"`` checks nothing.
         data_moments: ``() -> (mean, var)`` of the data per coordinate (called once, when first needed): sampling
             that starts at t0 > 0 (noise and score objectives) draws its start from the Gaussian with the moments
             of ``p_t0`` (:meth:`GaussianPath.source_at`).
@@ -68,8 +75,13 @@ class FlowModule(L.LightningModule):
         channels_last: bool = False,
         autocast_dtype: torch.dtype | None = None,
         data_moments: Callable[[], tuple[Tensor, Tensor]] | None = None,
+        nan_policy: str = "stop",
     ) -> None:
         super().__init__()
+        if nan_policy not in ("stop", "skip", "off"):
+            raise ValueError(f"nan_policy must be stop, skip or off, got {nan_policy!r}")
+        self.nan_policy = nan_policy
+        self.skipped_batches = 0
         objective.check_path(path)
         self.net = net
         self.path = path
@@ -94,6 +106,11 @@ class FlowModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
+        if self.nan_policy == "skip" and self.trainer.world_size > 1:
+            raise ValueError(
+                "nan_policy=skip cannot run under DDP (one rank skipping its backward would stall the "
+                "others): use nan_policy=stop"
+            )
         if self.trainer.world_size > 1:  # independent noise and times on every DDP rank
             torch.manual_seed(torch.initial_seed() + 7919 * self.trainer.global_rank)
 
@@ -125,8 +142,10 @@ class FlowModule(L.LightningModule):
             return generator
         return torch.Generator().manual_seed(int(generator.initial_seed()))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self.loss(batch)
+        if self.nan_policy != "off" and not bool(torch.isfinite(loss)):
+            return self._non_finite(loss)
         # Lightning writes train metrics every `log_every_n_steps` only; calling self.log on the other steps
         # costs about 2 ms each on a small model (bench/overhead.py), so log on the steps that are written
         # and on the last step of each epoch (so short runs and the progress bar still see the loss)
@@ -138,6 +157,21 @@ class FlowModule(L.LightningModule):
         ):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch["x1"].shape[0])
         return loss
+
+    def _non_finite(self, loss: Tensor) -> None:
+        """Skip the batch (``nan_policy=skip``: Lightning makes no update when training_step returns None) or stop."""
+        trainer = self._trainer
+        step = trainer.global_step if trainer is not None else 0
+        if self.nan_policy == "skip":
+            self.skipped_batches += 1
+            if trainer is not None:
+                self.log("train/skipped_batches", float(self.skipped_batches), batch_size=1)
+            return None
+        ckpt = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "") or "none yet"
+        raise NonFiniteLoss(
+            f"the training loss is {float(loss)} at step {step}; last checkpoint: {ckpt}. Lower optimizer.lr, set "
+            "trainer.gradient_clip_val, or set nan_policy=skip to skip such batches"
+        )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         g = torch.Generator(device=batch["x1"].device).manual_seed(batch_idx)  # same noise every epoch

@@ -88,6 +88,13 @@ def validate(cfg: DictConfig, datamodule) -> None:
     gaussian = datamodule.gaussian_source and float(cfg.path.get("sigma", 0.0)) == 0
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler={sampler} is unknown; choose one of {', '.join(SAMPLERS)}")
+    nan_policy = cfg.get("nan_policy", "stop")
+    if nan_policy not in ("stop", "skip", "off"):
+        raise ConfigError(f"nan_policy={nan_policy} is unknown; choose stop, skip or off")
+    if nan_policy == "skip" and "ddp" in str(cfg.get("trainer", {}).get("strategy", "")):
+        raise ConfigError(
+            "nan_policy=skip cannot run under DDP (one rank skipping its update stalls the others): use nan_policy=stop"
+        )
     steps = cfg.sampler.get("steps")
     if steps is not None and int(steps) < 1:
         raise ConfigError(f"sampler.steps={steps} is invalid: a sampler needs at least one step")
@@ -157,6 +164,7 @@ def build_module(cfg: DictConfig, datamodule) -> FlowModule:
         channels_last=bool(cfg.get("channels_last", False)),
         autocast_dtype=torch.bfloat16 if str(cfg.trainer.get("precision", "")).startswith("bf16") else None,
         data_moments=datamodule.data_moments,
+        nan_policy=str(cfg.get("nan_policy", "stop")),
     )
     module.run_config = plain_dict(cfg)
     return module

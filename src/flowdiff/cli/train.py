@@ -19,6 +19,7 @@ from omegaconf import DictConfig, open_dict
 from flowdiff.callbacks import DistributionMetrics, ImageGrid, ImageMetrics, SamplePlot, Throughput
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module
 from flowdiff.metrics.images import fid_report
+from flowdiff.module import NonFiniteLoss
 
 log = logging.getLogger("flowdiff")
 
@@ -146,6 +147,12 @@ def main(cfg: DictConfig) -> float:
             return math.nan
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as err:
+        if _multirun():
+            log.error("stopped: %s", err)
+            return math.nan
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(3)
     except Exception:
         if not _multirun():
             raise
