@@ -279,3 +279,34 @@ def test_nan_policy_skip_counts_the_skipped_batches_and_leaves_the_weights_finit
     assert all(torch.isfinite(p).all() for p in module.parameters())
     with pytest.raises(ConfigError, match="nan_policy=often is unknown"):
         build_module(compose_cfg(["nan_policy=often", *FAST], tmp_path), dm)
+
+
+def test_validation_loss_is_fixed_with_a_noisy_path_and_sinkhorn_pairs_and_leaves_training_randomness_alone(tmp_path):
+    """The validation loss draws noise, times, pairs and the interpolant's own noise from its generator only: the
+    same value every time, and the global RNG (training's stream) does not move."""
+    cfg = compose_cfg(["coupling=sinkhorn", "path.sigma=0.1", *FAST], tmp_path)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    batch = dm.draw(64)
+    state = torch.get_rng_state()
+    first = module.loss(batch, generator=torch.Generator().manual_seed(0))
+    second = module.loss(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first, second) and torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(first, module.loss(batch, generator=torch.Generator().manual_seed(1)))
+
+
+def test_samplers_defaults_are_their_config_files():
+    """A sampler built in Python behaves as the same sampler chosen on the command line (EM's default sigma_t was
+    constant in the class but beta in the config)."""
+    from omegaconf import OmegaConf
+
+    from flowdiff.paths import CondOTSchedule, GaussianPath
+    from flowdiff.samplers import build_sampler
+
+    path = GaussianPath(CondOTSchedule())
+    for file in (CONF / "sampler").glob("*.yaml"):
+        spec = OmegaConf.to_container(OmegaConf.load(file))
+        name = spec.pop("name")
+        default = build_sampler(name, path=path)
+        for key, value in spec.items():
+            assert getattr(default, key) == value, (name, key)

@@ -84,7 +84,7 @@ class EulerMaruyamaSampler(Sampler):
         sigma_schedule: Literal["constant", "beta"] = "beta",
         langevin_steps: int = 0,
         langevin_step: float = 0.01,
-        steps: int = 100,
+        steps: int = 500,
         t_min: float = 0.0,
         t_max: float = 1.0,
         denoise: bool = True,
