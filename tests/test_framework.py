@@ -264,8 +264,34 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint
     proc = run("train.py", "optimizer.lr=1e30", *FAST, f"hydra.run.dir={tmp_path / 'stop'}", check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("stopped: the training loss is") and "at step" in line and "last checkpoint:" in line
+    assert (
+        line.startswith("stopped: the training loss became NaN or Inf at step")
+        and "at step" in line
+        and "last checkpoint:" in line
+    )
     assert "nan_policy=skip" in line and "Traceback" not in proc.stderr
+
+
+def test_a_deferred_check_names_the_first_bad_step(tmp_path):
+    """On a GPU nan_policy=stop keeps the first bad step on the device and looks every log_every_n_steps steps (no
+    sync per step); forced here on the CPU: a loss going NaN at step 3 stops the run at the next look, naming 3."""
+    from types import SimpleNamespace
+
+    from flowdiff.module import NonFiniteLoss
+
+    cfg = compose_cfg(FAST, tmp_path)
+    module = build_module(cfg, build_datamodule(cfg))
+    module.nan_check_every_step = False
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=5, checkpoint_callback=None)
+    module._trainer = trainer
+    losses = [1.0, 0.5, 0.4, float("nan"), 0.3]
+    for step, value in enumerate(losses[:4]):
+        trainer.global_step = step
+        assert not module._loss_is_bad(torch.tensor(value))  # not a step that looks
+    trainer.global_step = 4
+    assert module._loss_is_bad(torch.tensor(losses[4]))  # the look at step 5 finds the NaN of step 3
+    with pytest.raises(NonFiniteLoss, match="at step 3; last checkpoint: none yet"):
+        module._non_finite(torch.tensor(losses[4]))
 
 
 def test_nan_policy_skip_counts_the_skipped_batches_and_leaves_the_weights_finite(tmp_path):

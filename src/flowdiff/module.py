@@ -52,8 +52,9 @@ class FlowModule(L.LightningModule):
         autocast_dtype: run the network under autocast to this dtype when sampling on a GPU (the solver's
             state stays in the input's dtype); ``None``: no autocast.
         nan_policy: a NaN or Inf training loss ``"stop"``s the run, naming the step and the last checkpoint, or is
-            ``"skip"``ped (no update from that batch; counted in ``train/skipped_batches``). Either costs one
-            host synchronisation per step; ``"off"`` checks nothing.
+            ``"skip"``ped (no update from that batch; counted in ``train/skipped_batches``; one host
+            synchronisation per step). On a GPU ``stop`` looks every ``log_every_n_steps`` steps; ``"off"``
+            checks nothing.
         data_moments: ``() -> (mean, var)`` of the data per coordinate (called once, when first needed): sampling
             that starts at t0 > 0 (noise and score objectives) draws its start from the Gaussian with the moments
             of ``p_t0`` (:meth:`GaussianPath.source_at`).
@@ -82,6 +83,8 @@ class FlowModule(L.LightningModule):
             raise ValueError(f"nan_policy must be stop, skip or off, got {nan_policy!r}")
         self.nan_policy = nan_policy
         self.skipped_batches = 0
+        self._first_bad_step: Tensor | None = None  # on a GPU under nan_policy=stop, see _loss_is_bad
+        self.nan_check_every_step: bool | None = None  # None: on the CPU only
         objective.check_path(path)
         self.net = net
         self.path = path
@@ -144,7 +147,7 @@ class FlowModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self.loss(batch)
-        if self.nan_policy != "off" and not bool(torch.isfinite(loss)):
+        if self._loss_is_bad(loss):
             return self._non_finite(loss)
         # Lightning writes train metrics every `log_every_n_steps` only; calling self.log on the other steps
         # costs about 2 ms each on a small model (bench/overhead.py), so log on the steps that are written
@@ -158,10 +161,31 @@ class FlowModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch["x1"].shape[0])
         return loss
 
+    def _loss_is_bad(self, loss: Tensor) -> bool:
+        """Whether to act on a non-finite loss now. ``skip`` and the CPU look at every step (a host sync); ``stop`` on
+        a GPU keeps the first bad step on the device and looks every ``log_every_n_steps`` steps, so that the
+        check does not stall the launch queue (the weights may go NaN in between; the checkpoints stay good)."""
+        if self.nan_policy == "off":
+            return False
+        trainer = self._trainer
+        every_step = self.nan_check_every_step
+        if every_step is None:
+            every_step = loss.device.type == "cpu"
+        if self.nan_policy == "skip" or every_step or trainer is None:
+            return not bool(torch.isfinite(loss))
+        step = torch.full((), trainer.global_step, device=loss.device, dtype=torch.long)
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, device=loss.device, dtype=torch.long)
+        first = self._first_bad_step
+        self._first_bad_step = torch.where((first < 0) & ~torch.isfinite(loss), step, first)
+        return (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0 and int(self._first_bad_step) >= 0
+
     def _non_finite(self, loss: Tensor) -> None:
         """Skip the batch (``nan_policy=skip``: Lightning makes no update when training_step returns None) or stop."""
         trainer = self._trainer
         step = trainer.global_step if trainer is not None else 0
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            step = int(self._first_bad_step)
         if self.nan_policy == "skip":
             self.skipped_batches += 1
             if trainer is not None:
@@ -169,7 +193,7 @@ class FlowModule(L.LightningModule):
             return None
         ckpt = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "") or "none yet"
         raise NonFiniteLoss(
-            f"the training loss is {float(loss)} at step {step}; last checkpoint: {ckpt}. Lower optimizer.lr, set "
+            f"the training loss became NaN or Inf at step {step}; last checkpoint: {ckpt}. Lower optimizer.lr, set "
             "trainer.gradient_clip_val, or set nan_policy=skip to skip such batches"
         )
 
