@@ -314,7 +314,7 @@ def test_float32_sampling_lands_on_the_exact_answer(schedule_name, objective):
         assert sd_err < 4 / math.sqrt(2 * n) + 0.02, f"{where}: std off by {100 * sd_err:.1f}%"
 
 
-def _chain_law(oracle, times, step_noise, slope, mean_shift, m, v):
+def _chain_law(times, step_noise, slope, mean_shift, m, v):
     """Mean and variance of an affine-Gaussian chain x' = A x + c + sd xi, pushed step by step (1-d)."""
     for t, t_next in zip(times[:-1], times[1:]):
         a_k, c_k, sd = slope(t, t_next), mean_shift(t, t_next), step_noise(t, t_next)
@@ -385,7 +385,7 @@ def test_stochastic_samplers_have_the_exact_law_of_their_chain(name, settings):
             shift = h * (da * mu - (a * da * s**2 + b * db) * a * mu / var + 0.5 * sig2 * a * mu / var)
             return slope, shift
 
-    m, v = _chain_law(oracle, times, noise, lambda t, tn: parts(t, tn)[0], lambda t, tn: parts(t, tn)[1], m0, v0)
+    m, v = _chain_law(times, noise, lambda t, tn: parts(t, tn)[0], lambda t, tn: parts(t, tn)[1], m0, v0)
     sd = math.sqrt(v)
     x = out.x[:, 0]
     mean_z = (x.mean().item() - m) / (sd / math.sqrt(n))
