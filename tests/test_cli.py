@@ -140,3 +140,28 @@ def test_invalid_combination_is_one_sentence(tmp_path):
     assert proc.returncode == 2
     assert sentence in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_checkpoints_fail_in_one_sentence(trained, tmp_path):
+    """A truncated file, a foreign file and one whose weights do not fit its config: one sentence each."""
+    from flowdiff.cli.build import ConfigError
+    from flowdiff.cli.sample import load_checkpoint
+
+    good = trained / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ConfigError, match="cannot be read .*truncated or not a checkpoint"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ConfigError, match="carries no flowdiff config"):
+        load_checkpoint(foreign)
+    edited = torch.load(good, weights_only=False)
+    edited["flowdiff_config"]["net"]["width"] = 8  # the config now builds a narrower net than the weights
+    mismatched = tmp_path / "mismatched.ckpt"
+    torch.save(edited, mismatched)
+    with pytest.raises(ConfigError, match="do not fit the network its config builds") as err:
+        load_checkpoint(mismatched)
+    assert "\n" not in str(err.value)
+    proc = run("sample.py", f"ckpt={truncated}", f"hydra.run.dir={tmp_path / 's'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot be read" in proc.stderr

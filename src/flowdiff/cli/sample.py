@@ -32,14 +32,27 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compil
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ckpt={path} does not exist: pass the path of a .ckpt written by train.py")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "flowdiff_config" not in ckpt:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or not a torch file: pickle, zip and EOF errors alike
+        raise ConfigError(
+            f"ckpt={path} cannot be read ({type(err).__name__}): it is truncated or not a checkpoint; "
+            "use another one, e.g. an earlier file in the same checkpoints folder"
+        ) from None
+    if not isinstance(ckpt, dict) or "flowdiff_config" not in ckpt:
         raise ConfigError(f"ckpt={path} carries no flowdiff config: it was not written by train.py")
     train_cfg = OmegaConf.create(ckpt["flowdiff_config"])
     train_cfg.compile = compile
     datamodule = build_datamodule(train_cfg)
     module = build_module(train_cfg, datamodule)
-    module.load_state_dict(ckpt["state_dict"])  # EMA weights when EMA was on (Lightning stores the average)
+    try:
+        module.load_state_dict(ckpt["state_dict"])  # EMA weights when EMA was on (Lightning stores the average)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ConfigError(
+            f"ckpt={path}: its weights do not fit the network its config builds ({first}); was the file edited "
+            "or written by another version of flowdiff?"
+        ) from None
     return module.to(device).eval(), datamodule, train_cfg
 
 
