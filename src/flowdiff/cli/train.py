@@ -141,18 +141,13 @@ def main(cfg: DictConfig) -> float:
     """Hydra task: one sentence on a bad combination; in a multirun a failed job does not stop the others."""
     try:
         metrics = train(cfg)
-    except ConfigError as err:
+    except (ConfigError, NonFiniteLoss) as err:  # one sentence, no traceback: exit code 2 (config) or 3 (NaN loss)
+        prefix, code = ("config error", 2) if isinstance(err, ConfigError) else ("stopped", 3)
         if _multirun():
-            log.error("config error: %s", err)
+            log.error("%s: %s", prefix, err)
             return math.nan
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as err:
-        if _multirun():
-            log.error("stopped: %s", err)
-            return math.nan
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(3)
+        print(f"{prefix}: {err}", file=sys.stderr)
+        sys.exit(code)
     except Exception:
         if not _multirun():
             raise
