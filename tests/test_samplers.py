@@ -245,9 +245,9 @@ def shipped_objective(name: str) -> Objective:
     from omegaconf import OmegaConf
 
     from flowdiff.cli.build import build_objective
+    from helpers import CONF
 
-    conf = __import__("pathlib").Path(__file__).parents[1] / "conf" / "objective" / f"{name}.yaml"
-    return build_objective(OmegaConf.create({"objective": OmegaConf.load(conf)}))
+    return build_objective(OmegaConf.create({"objective": OmegaConf.load(CONF / "objective" / f"{name}.yaml")}))
 
 
 FLOAT32_SAMPLERS = {  # name -> (sampler, settings)
