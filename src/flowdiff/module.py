@@ -212,6 +212,23 @@ class FlowModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["flowdiff_config"] = self.run_config
+        # the stream of training noise, times, couplings and label drops: a resumed run draws what an
+        # uninterrupted one would have drawn (Lightning keeps weights, optimizer, scheduler and loops only)
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        trainer = self._trainer
+        if states is None or trainer is None or not trainer.training and trainer.state.fn != "fit":
+            return
+        torch.set_rng_state(states["torch"])
+        if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        if trainer.world_size > 1:  # the checkpoint holds rank 0's stream: every other rank derives its own
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + 7919 * trainer.global_rank)
 
     # ------------------------------------------------------------------ sampling
     def prediction(self, x: Tensor, t: Tensor, y: Tensor | None = None, guidance_scale: float | None = None) -> Tensor:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -12,8 +14,19 @@ from torch.utils.data import DataLoader, IterableDataset
 from flowdiff.data.toys import Toy, build_toy
 
 
+def batch_seed(seed: int, rank: int, index: int) -> int:
+    """The seed of training batch ``index`` on DDP rank ``rank``: a counter-based stream, so any batch can be drawn
+    again without replaying the ones before it (what an exact resume needs)."""
+    digest = hashlib.blake2b(f"flowdiff/{seed}/{rank}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class _FreshBatches(IterableDataset):
-    """``steps_per_epoch`` batches per epoch, each drawn in one vectorised call (no per-point Python loop)."""
+    """``steps_per_epoch`` batches per epoch, each drawn in one vectorised call (no per-point Python loop).
+
+    Batch ``k`` of the run is drawn from ``batch_seed(seed, rank, k)``; an epoch starts at the first batch not yet
+    trained on (``ToyDataModule.batches_trained``, restored from a checkpoint), so a resumed run sees exactly the
+    batches an uninterrupted one would, although Lightning fetches one batch ahead."""
 
     def __init__(self, dm: ToyDataModule) -> None:
         self.dm = dm
@@ -22,8 +35,11 @@ class _FreshBatches(IterableDataset):
         return self.dm.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        for _ in range(self.dm.steps_per_epoch):
-            yield self.dm.draw(self.dm.batch_size, self.dm.generator)
+        dm = self.dm
+        start = max(dm.batches_drawn, dm.batches_trained)
+        for k in range(start, start + dm.steps_per_epoch):
+            dm.batches_drawn = k + 1
+            yield dm.draw(dm.batch_size, torch.Generator().manual_seed(batch_seed(dm.seed, dm.rank, k)))
 
 
 class ToyDataModule(L.LightningDataModule):
@@ -55,14 +71,27 @@ class ToyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.n_val, self.n_test, self.seed = n_val, n_test, seed
-        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.rank = 0
+        self.batches_drawn = 0  # training batches drawn so far (Lightning draws one ahead of training)
+        self.batches_trained = 0  # ... and handed to a training step (what a checkpoint stores)
         self.val_set = self.draw(n_val, torch.Generator().manual_seed(seed + 1_000_003))
         self.test_set = self.draw(n_test, torch.Generator().manual_seed(seed + 2_000_003))
 
     def setup(self, stage: str | None = None) -> None:
         # under DDP every rank draws its own training batches (the fixed val/test sets stay shared)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        self.generator = torch.Generator().manual_seed(self.seed + 1 + 7919 * rank)
+        self.rank = self.trainer.global_rank if self.trainer is not None else 0
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self.batches_trained += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the training stream (the same on every rank), saved in checkpoints by Lightning."""
+        return {"batches_trained": self.batches_trained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_trained = int(state.get("batches_trained", 0))
 
     @property
     def dim(self) -> int:
@@ -99,14 +128,16 @@ class ToyDataModule(L.LightningDataModule):
         return self.source.sample(n, generator)[0]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_FreshBatches(self), batch_size=None, num_workers=0)
+        # every loader has its own generator: a DataLoader draws a base seed each time it is iterated, which would
+        # otherwise come from (and shift) the global stream that training noise is drawn from
+        return DataLoader(_FreshBatches(self), batch_size=None, num_workers=0, generator=torch.Generator())
 
     def _fixed(self, data: dict[str, Tensor]) -> DataLoader:
         n = len(data["x1"])
         batches = [
             {k: v[i : i + self.batch_size * 4] for k, v in data.items()} for i in range(0, n, self.batch_size * 4)
         ]
-        return DataLoader(batches, batch_size=None, num_workers=0)
+        return DataLoader(batches, batch_size=None, num_workers=0, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed(self.val_set)

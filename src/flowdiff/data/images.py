@@ -300,6 +300,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=_Collate(self.labels),
+            generator=torch.Generator().manual_seed(self.seed + 1),  # workers' seeds, not from the training stream
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -320,7 +321,9 @@ class ImageDataModule(L.LightningDataModule):
         base = self._read(train=False) if split == "val" else self._unaugmented_train()
         order = np.random.default_rng(self.seed + (0 if split == "train" else 1)).permutation(len(base))
         idx = order[offset : offset + n].tolist()
-        loader = DataLoader(Subset(base, idx), batch_size=500, num_workers=0, collate_fn=_Collate(True))
+        loader = DataLoader(
+            Subset(base, idx), batch_size=500, num_workers=0, collate_fn=_Collate(True), generator=torch.Generator()
+        )
         xs, ys = zip(*[(b["x1"], b["y"]) for b in loader]) if idx else ((), ())
         if not xs:
             return torch.zeros(0, *self.data_shape), torch.zeros(0, dtype=torch.long)
