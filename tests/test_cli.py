@@ -156,7 +156,7 @@ def test_unreadable_checkpoints_fail_in_one_sentence(trained, tmp_path):
     edited["flowdiff_config"]["net"]["width"] = 8  # the config now builds a narrower net than the weights
     mismatched = tmp_path / "mismatched.ckpt"
     torch.save(edited, mismatched)
-    with pytest.raises(ConfigError, match="do not fit the network its config builds") as err:
+    with pytest.raises(ConfigError, match="do not fit the network the config builds") as err:
         load_checkpoint(mismatched)
     assert "\n" not in str(err.value)
     proc = run("sample.py", f"ckpt={truncated}", f"hydra.run.dir={tmp_path / 's'}", check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -11,16 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from flowdiff.couplings import Coupling, IndependentCoupling
+from flowdiff.errors import NonFiniteLoss
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.objectives import Objective
 from flowdiff.samplers import EulerSampler, Sampler, SampleResult
 
 SourceFn = Callable[[int, "torch.Generator | None"], Tensor]
 FieldFn = Callable[[Tensor, Tensor], Tensor]
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The training loss became NaN or Inf (``nan_policy=stop``); the message names the step and the last checkpoint."""
 
 
 class VectorFields(NamedTuple):
@@ -191,7 +189,8 @@ class FlowModule(L.LightningModule):
             if trainer is not None:
                 self.log("train/skipped_batches", float(self.skipped_batches), batch_size=1)
             return None
-        ckpt = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "") or "none yet"
+        saved = [c.last_model_path for c in getattr(trainer, "checkpoint_callbacks", []) if c.last_model_path]
+        ckpt = max(saved, key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0, default="none yet")
         raise NonFiniteLoss(
             f"the training loss became NaN or Inf at step {step}; last checkpoint: {ckpt}. Lower optimizer.lr, set "
             "trainer.gradient_clip_val, or set nan_policy=skip to skip such batches"

@@ -3,6 +3,16 @@
 from flowdiff.callbacks.ema import EMA
 from flowdiff.callbacks.images import ImageGrid, ImageMetrics
 from flowdiff.callbacks.sampling import DistributionMetrics, SamplePlot, validation_samples
+from flowdiff.callbacks.signals import CheckpointOnSignal
 from flowdiff.callbacks.timing import Throughput
 
-__all__ = ["EMA", "DistributionMetrics", "ImageGrid", "ImageMetrics", "SamplePlot", "Throughput", "validation_samples"]
+__all__ = [
+    "EMA",
+    "CheckpointOnSignal",
+    "DistributionMetrics",
+    "ImageGrid",
+    "ImageMetrics",
+    "SamplePlot",
+    "Throughput",
+    "validation_samples",
+]

@@ -17,6 +17,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from flowdiff.data.images import to_unit
+from flowdiff.errors import ConfigError
 from flowdiff.metrics.classifier import load_or_train_classifier
 from flowdiff.metrics.images import (
     ClassifierFeatures,
@@ -201,8 +202,6 @@ class ImageMetrics(_EveryN):
             try:
                 InceptionFeatures.check(self.inception_weights)
             except MissingWeights as err:
-                from flowdiff.cli.build import ConfigError
-
                 raise ConfigError(str(err)) from None
 
     def prepare(self, datamodule, device: torch.device, rank: int = 0) -> None:

@@ -15,15 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowdiff.couplings import Coupling, IndependentCoupling, MinibatchOTCoupling
 from flowdiff.data.images import DataError
+from flowdiff.errors import ConfigError
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.module import FlowModule
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianPath, NoisyInterpolantPath
 from flowdiff.samplers import SAMPLERS, Sampler, build_sampler
-
-
-class ConfigError(ValueError):
-    """A combination of config choices that cannot work; the message says what to change."""
 
 
 def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from flowdiff.callbacks.images import balanced_labels, build_extractor, sample_images
+from flowdiff.checkpointing import check_weights_fit, read_checkpoint
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from, plain_dict, validate
 from flowdiff.data.images import to_uint8, to_unit
 from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
@@ -29,30 +30,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compil
 
     ``compile`` replaces the training run's ``compile`` (sampling shapes differ, so a compiled training
     net would compile again; off by default)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt={path} does not exist: pass the path of a .ckpt written by train.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or not a torch file: pickle, zip and EOF errors alike
-        raise ConfigError(
-            f"ckpt={path} cannot be read ({type(err).__name__}): it is truncated or not a checkpoint; "
-            "use another one, e.g. an earlier file in the same checkpoints folder"
-        ) from None
-    if not isinstance(ckpt, dict) or "flowdiff_config" not in ckpt:
-        raise ConfigError(f"ckpt={path} carries no flowdiff config: it was not written by train.py")
+    ckpt = read_checkpoint(path, "ckpt")
     train_cfg = OmegaConf.create(ckpt["flowdiff_config"])
     train_cfg.compile = compile
     datamodule = build_datamodule(train_cfg)
     module = build_module(train_cfg, datamodule)
-    try:
-        module.load_state_dict(ckpt["state_dict"])  # EMA weights when EMA was on (Lightning stores the average)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise ConfigError(
-            f"ckpt={path}: its weights do not fit the network its config builds ({first}); was the file edited "
-            "or written by another version of flowdiff?"
-        ) from None
+    check_weights_fit(module, ckpt, path, "ckpt")
+    module.load_state_dict(ckpt["state_dict"])  # EMA weights when EMA was on (Lightning stores the average)
     return module.to(device).eval(), datamodule, train_cfg
 
 

@@ -17,9 +17,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
 from flowdiff.callbacks import DistributionMetrics, ImageGrid, ImageMetrics, SamplePlot, Throughput
-from flowdiff.cli.build import ConfigError, build_datamodule, build_module
+from flowdiff.checkpointing import AtomicCheckpointIO, check_weights_fit, read_checkpoint, resume_path
+from flowdiff.cli.build import build_datamodule, build_module
+from flowdiff.errors import ConfigError, NonFiniteLoss, TrainingInterrupted
 from flowdiff.metrics.images import fid_report
-from flowdiff.module import NonFiniteLoss
 
 log = logging.getLogger("flowdiff")
 
@@ -80,8 +81,11 @@ def build_loggers(cfg: DictConfig) -> list:
 def fit(cfg: DictConfig):
     """Build everything from ``cfg`` and fit; returns ``(module, datamodule, trainer, callbacks, seconds)``."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_path = resume_path(cfg)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    if ckpt_path is not None:  # a missing, truncated, foreign or mismatched file: one sentence, before Lightning
+        check_weights_fit(module, read_checkpoint(ckpt_path, "ckpt_path"), ckpt_path, "ckpt_path")
     callbacks = build_callbacks(cfg, datamodule.kind)
     for c in callbacks:
         if isinstance(c, ImageMetrics):
@@ -89,9 +93,11 @@ def fit(cfg: DictConfig):
     loggers = build_loggers(cfg)
     for logger in loggers:
         logger.log_hyperparams(module.run_config)  # the resolved config: every choice of the run
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module, datamodule, trainer, callbacks, time.perf_counter() - start
 
 
@@ -141,6 +147,9 @@ def main(cfg: DictConfig) -> float:
     """Hydra task: one sentence on a bad combination; in a multirun a failed job does not stop the others."""
     try:
         metrics = train(cfg)
+    except TrainingInterrupted as err:  # the whole process was told to stop, multirun or not: exit 128 + signum
+        print(f"stopped: {err}", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
     except (ConfigError, NonFiniteLoss) as err:  # one sentence, no traceback: exit code 2 (config) or 3 (NaN loss)
         prefix, code = ("config error", 2) if isinstance(err, ConfigError) else ("stopped", 3)
         if _multirun():

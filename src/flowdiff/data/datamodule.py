@@ -42,6 +42,17 @@ class _FreshBatches(IterableDataset):
             yield dm.draw(dm.batch_size, torch.Generator().manual_seed(batch_seed(dm.seed, dm.rank, k)))
 
 
+class _ResumableLoader(DataLoader):
+    """Tells Lightning that the stream resumes exactly (no warning on a mid-epoch resume): its position lives in
+    ``ToyDataModule.state_dict``, which counts trained batches where a loader's own state would count fetched ones."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class ToyDataModule(L.LightningDataModule):
     """Target ``name`` (a key of ``TOYS``), optional non-Gaussian ``source`` for data-to-data flows.
 
@@ -130,7 +141,7 @@ class ToyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # every loader has its own generator: a DataLoader draws a base seed each time it is iterated, which would
         # otherwise come from (and shift) the global stream that training noise is drawn from
-        return DataLoader(_FreshBatches(self), batch_size=None, num_workers=0, generator=torch.Generator())
+        return _ResumableLoader(_FreshBatches(self), batch_size=None, num_workers=0, generator=torch.Generator())
 
     def _fixed(self, data: dict[str, Tensor]) -> DataLoader:
         n = len(data["x1"])

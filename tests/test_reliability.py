@@ -1,0 +1,218 @@
+"""Interrupted and resumed runs lose nothing: exact resume, atomic checkpoints, signals, kill -9, finished runs kept."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowdiff.checkpointing import AtomicCheckpointIO, latest_run_checkpoint, resume_path
+from flowdiff.cli.train import fit, train
+from flowdiff.errors import ConfigError
+from helpers import FAST, ROOT, compose_cfg
+
+RESUMABLE = [
+    *FAST,
+    "data=moons",
+    "coupling=ot",  # the coupling's draws
+    "guidance=cfg",  # label dropout's draws
+    "callbacks.plot=null",
+    "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
+    "+scheduler._partial_=true",
+    "+scheduler.step_size=3",
+]
+
+
+def _state(module, trainer, callbacks):
+    ema = next(c for c in callbacks if type(c).__name__ == "EMA")
+    opt = trainer.optimizers[0].state_dict()["state"]
+    return {
+        "weights": {k: v.clone() for k, v in module.state_dict().items()},
+        "ema": {k: v.clone() for k, v in ema._average_model.module.state_dict().items()},
+        "adam": {(i, k): v.clone() for i, s in opt.items() for k, v in s.items()},
+        "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    """8 steps straight equal 5 steps, a stop, and 3 more from the checkpoint, bit for bit: weights, EMA, Adam's
+    moments, the LR schedule and the RNG stream (noise, times, OT coupling, label dropout) and the data stream.
+    5 is mid-epoch (3 batches per epoch), the case Lightning calls unreliable for a loader without state."""
+    straight = fit(compose_cfg([*RESUMABLE, "trainer.max_steps=8"], tmp_path / "a"))
+    first = fit(compose_cfg([*RESUMABLE, "trainer.max_steps=5"], tmp_path / "b"))
+    last = first[2].checkpoint_callback.last_model_path
+    assert torch.load(last, weights_only=False)["global_step"] == 5
+    resumed = fit(compose_cfg([*RESUMABLE, "trainer.max_steps=8", f"ckpt_path={last}"], tmp_path / "c"))
+    a, b = _state(straight[0], straight[2], straight[3]), _state(resumed[0], resumed[2], resumed[3])
+    assert resumed[2].global_step == straight[2].global_step == 8
+    assert resumed[1].batches_trained == straight[1].batches_trained == 8
+    for part in ("weights", "ema", "adam"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["lr"] == b["lr"] and torch.equal(a["rng"], b["rng"])
+    # and the stop mattered: the first 5 steps' weights differ from the 8 steps' ones
+    early = _state(first[0], first[2], first[3])["weights"]
+    assert any(not torch.equal(early[k], a["weights"][k]) for k in early)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while saving leaves the previous last.ckpt whole, and no temporary file behind."""
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 10, "w": torch.arange(1000.0)}, target)
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt  # what a kill delivers to Python: not an Exception
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 20, "w": torch.zeros(1000)}, target)
+    monkeypatch.undo()
+    kept = torch.load(target, weights_only=False)
+    assert kept["global_step"] == 10 and torch.equal(kept["w"], torch.arange(1000.0))
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_finished_run_dir_is_never_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    metrics = train(compose_cfg(FAST, run_dir))
+    before = (run_dir / "metrics.json").read_text()
+    assert json.loads(before)["global_step"] == metrics["global_step"] == 6
+    with pytest.raises(ConfigError, match=r"holds a finished run \(metrics.json\).*choose another hydra.run.dir"):
+        train(compose_cfg([*FAST, "seed=7"], run_dir))
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_bad_resume_checkpoints_are_one_sentence(tmp_path):
+    good_dir = tmp_path / "good"
+    train(compose_cfg(FAST, good_dir))
+    good = good_dir / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:3000])
+    cases = {
+        str(tmp_path / "nowhere.ckpt"): r"ckpt_path=.*nowhere.ckpt does not exist",
+        str(truncated): r"ckpt_path=.*truncated.ckpt cannot be read \(.*\): it is truncated or not a checkpoint",
+        # a checkpoint of another network: the default 64 wide, resumed with a net 32 wide
+        str(
+            good
+        ): r"ckpt_path=.*: its weights do not fit the network the config builds \(net\.body\.0\.weight is \(64, 3\) there but \(32, 3\) here\)",
+    }
+    for i, (path, message) in enumerate(cases.items()):
+        extra = ["net.width=32"] if path == str(good) else []
+        with pytest.raises(ConfigError, match=message) as err:
+            fit(compose_cfg([*FAST, *extra, f"ckpt_path={path}"], tmp_path / f"r{i}"))
+        assert "\n" not in str(err.value)
+
+
+def test_ckpt_path_last_finds_the_latest_run_with_the_same_overrides(tmp_path):
+    def fake_run(name: str, overrides: list[str], age: float) -> Path:
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (run / "checkpoints").mkdir()
+        last = run / "checkpoints" / "last.ckpt"
+        last.write_bytes(b"x")
+        os.utime(last, (time.time() - age, time.time() - age))
+        return last
+
+    old = fake_run("runs/old", ["objective=score", "trainer.max_steps=100"], age=100)
+    new = fake_run("multiruns/2026/objective=score", ["objective=score", "trainer.max_steps=200"], age=10)
+    fake_run("runs/other", ["objective=noise"], age=1)  # newer, but another config
+    found = latest_run_checkpoint(tmp_path, ["objective=score", "ckpt_path=last", "trainer.max_steps=500"])
+    assert found == new
+    os.utime(old, None)  # now the old run's checkpoint is the newest
+    assert latest_run_checkpoint(tmp_path, ["objective=score"]) == old
+    assert latest_run_checkpoint(tmp_path, ["objective=data"]) is None
+    cfg = compose_cfg([*FAST, "ckpt_path=last", f"log_root={tmp_path}", "objective=data"], tmp_path / "fresh")
+    with pytest.raises(ConfigError, match="ckpt_path=last found no run of this config with checkpoints/last.ckpt"):
+        resume_path(cfg)
+
+
+# ---------------------------------------------------------------- real processes, real signals
+LONG = [
+    "data=moons",
+    "trainer.max_steps=100000",
+    "data.steps_per_epoch=100000",  # no validation: the run only stops when told to
+    "data.batch_size=64",
+    "callbacks.last_checkpoint.every_n_train_steps=25",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "callbacks.metrics.n=128",
+    "callbacks.plot=null",
+]
+
+
+def _start(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+    run_dir = tmp_path / name
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "train.py", *LONG, f"hydra.run.dir={run_dir}", f"log_root={tmp_path}", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, run_dir
+
+
+def _wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float = 120) -> int:
+    """Poll until ``last`` holds a checkpoint of at least ``step`` steps; returns the step it holds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if last.is_file():
+            try:
+                held = torch.load(last, weights_only=False)["global_step"]
+            except Exception:  # replaced under our feet: atomic, so the next read is whole
+                held = -1
+            if held >= step:
+                return held
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
+    """SIGTERM / SIGUSR1: last.ckpt of the very step, exit 128 + signum, one sentence; then the run goes on from it
+    (SIGTERM: with ckpt_path=last, as a user would; SIGUSR1: restarted in its own run directory, as a requeued
+    SLURM job is)."""
+    proc, run_dir = _start(tmp_path, "run")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    _wait_for_step(proc, last, 25)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    name = signal.Signals(signum).name
+    assert f"stopped: {name} received: saved step" in err and "Traceback" not in err
+    step = int(err.split("saved step ")[1].split()[0])
+    assert torch.load(last, weights_only=False)["global_step"] == step >= 25
+    assert not (run_dir / "metrics.json").exists()
+
+    # resumed in-process (a second interpreter start is 6 s of CPU the test does not need)
+    goal = [*LONG, f"log_root={tmp_path}", f"trainer.max_steps={step + 5}"]  # the same overrides, but longer
+    if signum == signal.SIGTERM:
+        resume_dir, cfg = tmp_path / "resumed", compose_cfg([*goal, "ckpt_path=last"], tmp_path / "resumed")
+    else:
+        resume_dir, cfg = run_dir, compose_cfg(goal, run_dir)
+    assert train(cfg)["global_step"] == step + 5
+    assert json.loads((resume_dir / "metrics.json").read_text())["global_step"] == step + 5
+
+
+def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path):
+    """kill -9 (no handler runs): last.ckpt is whole and at most every_n_train_steps behind, and resumes."""
+    proc, run_dir = _start(tmp_path, "run")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    seen = _wait_for_step(proc, last, 75)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    held = torch.load(last, weights_only=False)["global_step"]  # whole: it loads
+    assert held % 25 == 0 and held >= seen >= 75
+    resumed = compose_cfg(
+        [*LONG, f"trainer.max_steps={held + 3}", f"ckpt_path={last}", "callbacks.metrics=null"], tmp_path / "again"
+    )
+    assert train(resumed)["global_step"] == held + 3
