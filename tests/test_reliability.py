@@ -216,3 +216,118 @@ def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path):
         [*LONG, f"trainer.max_steps={held + 3}", f"ckpt_path={last}", "callbacks.metrics=null"], tmp_path / "again"
     )
     assert train(resumed)["global_step"] == held + 3
+
+
+# ---------------------------------------------------------------- values and data, before any training
+def _with(overrides: list[str], base: list[str] = FAST) -> list[str]:
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + overrides
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.max_steps=0"], r"trainer.max_steps=0 is out of range: set it to a positive number of training"),
+        (["sampler.steps=0"], r"sampler.steps=0 is out of range: set it to at least 1"),
+        (
+            ["guidance=cfg", "guidance.p_uncond=1.0"],
+            r"guidance.p_uncond=1.0 is out of range: set it to inside \[0, 1\)",
+        ),
+        (["optimizer.lr=-0.001"], r"optimizer.lr=-0.001 is out of range: set it to a positive learning rate"),
+        (["optimizer.lr=fast"], r"optimizer.lr='fast' is not a number: set optimizer.lr to one"),
+        (["callbacks.ema.decay=1.5"], r"callbacks.ema.decay=1.5 is out of range: set it to inside \(0, 1\)"),
+        (["callbacks.metrics.n=5000"], r"callbacks.metrics.n=5000 is out of range: set it to between 1 and 128, the"),
+        (["data.batch_size=0"], r"data.batch_size=0 is out of range: set it to at least 1"),
+        (["trainer.gradient_clip_val=-1"], r"trainer.gradient_clip_val=-1 is out of range: set it to a positive norm"),
+        (["net=unet"], r"net=unet is for images \(C, H, W\), but the data has shape \(2,\): use net=mlp"),
+    ],
+)
+def test_out_of_range_values_are_one_sentence(tmp_path, overrides, message):
+    from flowdiff.cli.build import build_datamodule, build_module
+
+    cfg = compose_cfg(_with(overrides), tmp_path)
+    with pytest.raises(ConfigError, match=message) as err:
+        build_module(cfg, build_datamodule(cfg))
+    assert "\n" not in str(err.value)
+
+
+def test_a_typo_in_a_group_lists_the_options(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", "sampler=eulr", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "Could not find 'sampler/eulr'" in proc.stderr and "Available options in 'sampler'" in proc.stderr
+    assert "euler_maruyama" in proc.stderr and "heun" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    from helpers import tiny_classifier, tiny_mnist
+
+    root = tmp_path_factory.mktemp("mnist")
+    tiny_mnist(root / "data")
+    tiny_classifier(root / "clf3.pt", in_channels=3)
+    return root
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["net=mlp"], r"net=mlp is for vectors, but the data has shape \(1, 28, 28\): use net=unet for images"),
+        (["callbacks.image_metrics.n=100"], r"callbacks.image_metrics.n=100 is out of range: set it between 1 and 64"),
+        (
+            ["callbacks.image_metrics.classifier_path={root}/clf3.pt"],
+            r"classifier_path=.*clf3.pt reads 3-channel images of 10 classes, but data=mnist has 1 channels",
+        ),
+    ],
+)
+def test_image_values_that_do_not_fit_the_data_are_one_sentence(tmp_path, mnist, overrides, message):
+    from helpers import TINY_IMAGES, TINY_UNET
+
+    net = [] if "net=mlp" in overrides else TINY_UNET
+    base = ["data=mnist", f"data.root={mnist / 'data'}", *net, *TINY_IMAGES]
+    cfg = compose_cfg(_with([o.format(root=mnist) for o in overrides], base), tmp_path)
+    with pytest.raises(ConfigError, match=message) as err:
+        fit(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "checkpoints").exists()  # stopped before training
+
+
+def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from flowdiff.data.formats import write_image_folder
+    from flowdiff.data.images import DataError, ImageDataModule
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    write_image_folder(root, rng.integers(0, 256, (12, 20, 26, 3)), np.arange(12) % 2, ["cats", "dogs"])
+    Image.fromarray(rng.integers(0, 256, (40, 33, 3)).astype(np.uint8)).save(root / "cats" / "big.png")  # other size
+    Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)).save(root / "dogs" / "gray.jpg")  # grayscale
+    whole = (root / "dogs" / "00001.png").read_bytes()
+    (root / "dogs" / "cut.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    (root / "cats" / "Thumbs.db").write_bytes(b"\x00" * 10)
+    (root / "empty").mkdir()
+    with pytest.warns(UserWarning) as caught:
+        dm = ImageDataModule("image_folder", str(root), image_size=16, val_fraction=0.25, num_workers=0, batch_size=4)
+    messages = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert len(messages) == 1
+    assert "left out 2 not image files" in messages[0] and "1 unreadable or truncated images" in messages[0]
+    assert "cut.png" in messages[0] and "1 empty classes (e.g. empty)" in messages[0]
+    assert dm.num_classes == 2 and len(dm._scan.samples) == 14  # 12 + big.png + gray.jpg
+    dm.setup()
+    seen = sum(len(b["x1"]) for b in dm.train_dataloader()) + sum(len(b["x1"]) for b in dm.val_dataloader())
+    assert seen >= 12  # every batch decodes; mixed sizes and modes all come out (3, 16, 16)
+    assert next(iter(dm.train_dataloader()))["x1"].shape == (4, 3, 16, 16)
+    empty_only = tmp_path / "nothing"
+    (empty_only / "a").mkdir(parents=True)
+    (empty_only / "a" / "readme.md").write_text("x")
+    with pytest.raises(DataError, match=r"data=image_folder found no readable image under .*nothing/<class name>/"):
+        ImageDataModule("image_folder", str(empty_only), image_size=16, num_workers=0)

@@ -198,6 +198,27 @@ class ImageMetrics(_EveryN):
     def check(self, datamodule) -> None:
         """Fail now, in one sentence (:class:`ConfigError`), if the extractor cannot be built."""
         features = resolve_features(self.features, datamodule)
+        n_ref = len(datamodule)
+        if not 1 <= self.n <= n_ref:
+            raise ConfigError(
+                f"callbacks.image_metrics.n={self.n} is out of range: set it between 1 and {n_ref}, the number of "
+                f"training images data={datamodule.name} holds (the reference set)"
+            )
+        if (
+            self.extractor is None
+            and features == "classifier"
+            and self.classifier_path
+            and Path(self.classifier_path).expanduser().is_file()
+        ):
+            stored = torch.load(Path(self.classifier_path).expanduser(), map_location="cpu", weights_only=False)
+            have = (stored.get("in_channels"), stored.get("num_classes"))
+            want = (datamodule.data_shape[0], datamodule.dataset_classes)
+            if have != want:
+                raise ConfigError(
+                    f"callbacks.image_metrics.classifier_path={self.classifier_path} reads {have[0]}-channel images "
+                    f"of {have[1]} classes, but data={datamodule.name} has {want[0]} channels and {want[1]} classes: "
+                    "drop classifier_path (one is trained for this data and cached) or use features=inception"
+                )
         if self.extractor is None and features == "inception":
             try:
                 InceptionFeatures.check(self.inception_weights)

@@ -77,8 +77,42 @@ def build_sampler_from(sampler_cfg: DictConfig | dict, path) -> Sampler:
     return build_sampler(kw.pop("name"), path=path, **{k: v for k, v in kw.items() if v is not None})
 
 
+def _number(cfg: DictConfig, key: str):
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None or isinstance(value, bool):
+        return None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} is not a number: set {key} to one")
+    return value
+
+
+def check_values(cfg: DictConfig, datamodule) -> None:
+    """Out-of-range values stop here, each in one sentence naming the key and the range it must lie in."""
+    rules = [  # key, test, what the value must be
+        ("trainer.max_steps", lambda v: v >= 1 or v == -1, "a positive number of training steps"),
+        ("sampler.steps", lambda v: v >= 1, "at least 1 (a sampler needs one step)"),
+        ("data.batch_size", lambda v: v >= 1, "at least 1"),
+        ("optimizer.lr", lambda v: v > 0, "a positive learning rate, such as 1e-3"),
+        ("optimizer.weight_decay", lambda v: v >= 0, "0 or more"),
+        ("trainer.gradient_clip_val", lambda v: v > 0, "a positive norm, or null for no clipping"),
+        ("callbacks.ema.decay", lambda v: 0 < v < 1, "inside (0, 1), such as 0.999 (callbacks.ema=null turns EMA off)"),
+        ("callbacks.last_checkpoint.every_n_train_steps", lambda v: v >= 1, "at least 1"),
+    ]
+    if cfg.guidance.name != "none":
+        rules.append(("guidance.p_uncond", lambda v: 0 <= v < 1, "inside [0, 1), such as 0.1"))
+    if datamodule.kind == "vector":
+        n_ref = min(len(datamodule.val_set["x1"]), len(datamodule.test_set["x1"]))
+        fits = (lambda v: 1 <= v <= n_ref, f"between 1 and {n_ref}, the size of the reference set (data.n_val)")
+        rules += [("callbacks.metrics.n", *fits), ("callbacks.plot.n", *fits)]
+    for key, ok, what in rules:
+        value = _number(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value} is out of range: set it to {what}")
+
+
 def validate(cfg: DictConfig, datamodule) -> None:
     """Raise :class:`ConfigError` for a combination that makes no sense, naming the options to change."""
+    check_values(cfg, datamodule)
     objective = cfg.objective.name
     sampler = cfg.sampler.name
     guided = cfg.guidance.name != "none"
@@ -92,9 +126,6 @@ def validate(cfg: DictConfig, datamodule) -> None:
         raise ConfigError(
             "nan_policy=skip cannot run under DDP (one rank skipping its update stalls the others): use nan_policy=stop"
         )
-    steps = cfg.sampler.get("steps")
-    if steps is not None and int(steps) < 1:
-        raise ConfigError(f"sampler.steps={steps} is invalid: a sampler needs at least one step")
     if guided and datamodule.num_classes == 0:
         raise ConfigError(
             f"guidance={cfg.guidance.name} needs labelled data, but data={datamodule.name} has no labels: "

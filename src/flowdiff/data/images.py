@@ -16,17 +16,21 @@ that names the files expected under ``root``.
 from __future__ import annotations
 
 import pickle
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
 
 class DataError(ValueError):
@@ -96,6 +100,76 @@ NATIVE_SHAPE: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32),
 }
 NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_image_folder` found: the classes with images, ``(path, class index)`` per readable image,
+    and what it left out, by reason."""
+
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    skipped: dict[str, list[str]]
+
+
+def scan_image_folder(root: Path) -> FolderScan:
+    """Every file under ``root/<class>/``, decoded once: non-image files, unreadable or truncated images and empty
+    class folders are left out with one warning that counts them (a bad file would otherwise stop training at
+    the batch that draws it); a folder with no readable image is one sentence (:class:`DataError`)."""
+    start = time.perf_counter()
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise DataError(
+            f"data=image_folder found no class sub-folders under {root}: put images in "
+            f"{root}/<class name>/ (one folder with everything is one class)"
+        )
+    skipped: dict[str, list[str]] = {"not image files": [], "unreadable or truncated images": [], "empty classes": []}
+    per_class: list[tuple[str, list[str]]] = []
+    for folder in folders:
+        good = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            if not path.name.lower().endswith(IMG_EXTENSIONS):
+                skipped["not image files"].append(str(path))
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.load()  # decodes all of it: a truncated file fails here, not in the middle of training
+                good.append(str(path))
+            except Exception:
+                skipped["unreadable or truncated images"].append(str(path))
+        if good:
+            per_class.append((folder.name, good))
+        else:
+            skipped["empty classes"].append(folder.name)
+    if not per_class:
+        raise DataError(
+            f"data=image_folder found no readable image under {root}/<class name>/ (extensions: "
+            f"{', '.join(IMG_EXTENSIONS)}): check data.root"
+        )
+    classes = [name for name, _ in per_class]
+    samples = [(path, i) for i, (_, paths) in enumerate(per_class) for path in paths]
+    left_out = [f"{len(v)} {k} (e.g. {v[0]})" for k, v in skipped.items() if v]
+    if left_out:
+        rank_zero_warn(f"data=image_folder under {root}: left out " + "; ".join(left_out))
+    rank_zero_info(
+        f"data=image_folder: {len(samples)} images in {len(classes)} classes under {root} "
+        f"(checked in {time.perf_counter() - start:.1f} s)"
+    )
+    return FolderScan(classes, samples, skipped)
+
+
+class _ScannedFolder(Dataset):
+    """The readable images of a :class:`FolderScan`, as ``(transformed image, class index)``."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(pil_loader(path)), label
 
 
 class _Collate:
@@ -259,16 +333,11 @@ class ImageDataModule(L.LightningDataModule):
     def _folder_classes(self) -> int:
         if not self.root.is_dir():
             raise self._missing()
-        classes = [p for p in self.root.iterdir() if p.is_dir()]
-        if not classes:
-            raise DataError(
-                f"data=image_folder found no class sub-folders under {self.root}: put images in "
-                f"{self.root}/<class name>/ (one folder with everything is one class)"
-            )
-        return len(classes)
+        self._scan = scan_image_folder(self.root)
+        return len(self._scan.classes)
 
     def _folder(self, train: bool, tf) -> Dataset:
-        full = datasets.ImageFolder(str(self.root), transform=tf)
+        full = _ScannedFolder(self._scan.samples, tf)
         order = np.random.default_rng(self.seed).permutation(len(full))
         n_val = max(1, int(round(self.val_fraction * len(full))))
         return Subset(full, order[n_val:].tolist() if train else order[:n_val].tolist())
