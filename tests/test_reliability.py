@@ -101,9 +101,8 @@ def test_bad_resume_checkpoints_are_one_sentence(tmp_path):
         str(tmp_path / "nowhere.ckpt"): r"ckpt_path=.*nowhere.ckpt does not exist",
         str(truncated): r"ckpt_path=.*truncated.ckpt cannot be read \(.*\): it is truncated or not a checkpoint",
         # a checkpoint of another network: the default 64 wide, resumed with a net 32 wide
-        str(
-            good
-        ): r"ckpt_path=.*: its weights do not fit the network the config builds \(net\.body\.0\.weight is \(64, 3\) there but \(32, 3\) here\)",
+        str(good): r"ckpt_path=.*: its weights do not fit the network the config builds "
+        r"\(net\.body\.0\.weight is \(64, 3\) there but \(32, 3\) here\)",
     }
     for i, (path, message) in enumerate(cases.items()):
         extra = ["net.width=32"] if path == str(good) else []
