@@ -330,3 +330,26 @@ def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
     (empty_only / "a" / "readme.md").write_text("x")
     with pytest.raises(DataError, match=r"data=image_folder found no readable image under .*nothing/<class name>/"):
         ImageDataModule("image_folder", str(empty_only), image_size=16, num_workers=0)
+
+
+def test_a_failing_job_never_stops_its_siblings(tmp_path):
+    """A multirun whose first job raises (a class that does not exist): it is logged and the second job finishes.
+    (A job stopped by a one-sentence ConfigError takes the same path: logged, NaN returned.)"""
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    args = ["-m", "optimizer._target_=torch.optim.NoSuchOptimizer,torch.optim.AdamW"]
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args, *FAST, "callbacks.plot=null", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = {}  # each job's optimizer (the folder names are too long to hold it: see flowdiff.cli.job_dir)
+    for saved in tmp_path.glob("*/.hydra/overrides.yaml"):
+        target = next(o for o in saved.read_text().split() if o.startswith("optimizer._target_"))
+        jobs[target.rsplit(".", 1)[-1]] = saved.parents[1]
+    assert sorted(jobs) == ["AdamW", "NoSuchOptimizer"] and all(len(d.name) <= 160 for d in jobs.values())
+    assert json.loads((jobs["AdamW"] / "metrics.json").read_text())["global_step"] == 6
+    assert not (jobs["NoSuchOptimizer"] / "metrics.json").exists()
+    assert "job failed; the multirun goes on" in (jobs["NoSuchOptimizer"] / "train.log").read_text()
