@@ -3,11 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from flowdiff.cli.sample import main as run
+import flowdiff.cli  # noqa: F401  (light: registers the job-folder resolver of conf/hydra)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> float:
+    from flowdiff.cli.sample import main as run  # torch and Lightning load after Hydra composed: typos fail at once
+
     return run(cfg)
 
 

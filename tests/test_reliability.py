@@ -152,6 +152,8 @@ LONG = [
 def _start(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
     run_dir = tmp_path / name
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    if any(a.startswith("callbacks.on_signal.requeue") for a in args):
+        env.update(PATH=env.pop("FLOWDIFF_TEST_PATH"), SLURM_JOB_ID="4242")
     cmd = [sys.executable, "train.py", *LONG, f"hydra.run.dir={run_dir}", f"log_root={tmp_path}", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, run_dir
@@ -179,7 +181,15 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
     """SIGTERM / SIGUSR1: last.ckpt of the very step, exit 128 + signum, one sentence; then the run goes on from it
     (SIGTERM: with ckpt_path=last, as a user would; SIGUSR1: restarted in its own run directory, as a requeued
     SLURM job is)."""
-    proc, run_dir = _start(tmp_path, "run")
+    requeue = []
+    if signum == signal.SIGUSR1:  # as inside a SLURM job with requeue on: a stand-in scontrol records the call
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
+        (bin_dir / "scontrol").chmod(0o755)
+        os.environ["FLOWDIFF_TEST_PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+        requeue = ["callbacks.on_signal.requeue=true"]
+    proc, run_dir = _start(tmp_path, "run", *requeue)
     last = run_dir / "checkpoints" / "last.ckpt"
     _wait_for_step(proc, last, 25)
     proc.send_signal(signum)
@@ -190,6 +200,9 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
     step = int(err.split("saved step ")[1].split()[0])
     assert torch.load(last, weights_only=False)["global_step"] == step >= 25
     assert not (run_dir / "metrics.json").exists()
+    if requeue:
+        assert "SLURM job 4242 requeued" in err
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
 
     # resumed in-process (a second interpreter start is 6 s of CPU the test does not need)
     goal = [*LONG, f"log_root={tmp_path}", f"trainer.max_steps={step + 5}"]  # the same overrides, but longer
@@ -349,7 +362,25 @@ def test_a_failing_job_never_stops_its_siblings(tmp_path):
     for saved in tmp_path.glob("*/.hydra/overrides.yaml"):
         target = next(o for o in saved.read_text().split() if o.startswith("optimizer._target_"))
         jobs[target.rsplit(".", 1)[-1]] = saved.parents[1]
-    assert sorted(jobs) == ["AdamW", "NoSuchOptimizer"] and all(len(d.name) <= 160 for d in jobs.values())
+    assert sorted(jobs) == ["AdamW", "NoSuchOptimizer"] and all(len(d.name) <= 240 for d in jobs.values())
     assert json.loads((jobs["AdamW"] / "metrics.json").read_text())["global_step"] == 6
     assert not (jobs["NoSuchOptimizer"] / "metrics.json").exists()
     assert "job failed; the multirun goes on" in (jobs["NoSuchOptimizer"] / "train.log").read_text()
+
+
+def test_gradient_clipping_is_one_config_value(tmp_path):
+    """trainer.gradient_clip_val bounds the gradient norm: with plain SGD at lr 0.1 and a clip of 1e-6, six steps
+    move the weights by at most 6e-7 (unclipped they move by far more)."""
+    import lightning as L
+
+    from flowdiff.cli.build import build_datamodule, build_module
+
+    sgd = ["optimizer._target_=torch.optim.SGD", "optimizer.lr=0.1", "optimizer.weight_decay=0", "callbacks.ema=null"]
+    moved = {}
+    for clip in ("1e-6", "null"):
+        cfg = compose_cfg([*FAST, *sgd, f"trainer.gradient_clip_val={clip}"], tmp_path / clip)
+        L.seed_everything(cfg.seed, verbose=False)  # as fit() does: the same initial weights
+        start = build_module(cfg, build_datamodule(cfg)).state_dict()
+        end = fit(cfg)[0].state_dict()
+        moved[clip] = float(torch.cat([(end[k] - v).flatten() for k, v in start.items()]).norm())
+    assert moved["1e-6"] <= 6e-7 * 1.01 and moved["null"] > 1e-3, moved

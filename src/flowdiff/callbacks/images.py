@@ -213,7 +213,7 @@ class ImageMetrics(_EveryN):
             stored = torch.load(Path(self.classifier_path).expanduser(), map_location="cpu", weights_only=False)
             have = (stored.get("in_channels"), stored.get("num_classes"))
             want = (datamodule.data_shape[0], datamodule.dataset_classes)
-            if have != want:
+            if have[0] != want[0] or have[1] < want[1]:  # other channels, or labels it cannot predict
                 raise ConfigError(
                     f"callbacks.image_metrics.classifier_path={self.classifier_path} reads {have[0]}-channel images "
                     f"of {have[1]} classes, but data={datamodule.name} has {want[0]} channels and {want[1]} classes: "

@@ -6,7 +6,7 @@ import hashlib
 
 from omegaconf import OmegaConf
 
-MAX_JOB_DIR = 160  # characters; file systems refuse names over 255
+MAX_JOB_DIR = 240  # characters; file systems refuse names over 255 bytes
 
 
 def job_dir(override_dirname: str, num: int | str) -> str:

@@ -90,7 +90,7 @@ def check_values(cfg: DictConfig, datamodule) -> None:
     """Out-of-range values stop here, each in one sentence naming the key and the range it must lie in."""
     rules = [  # key, test, what the value must be
         ("trainer.max_steps", lambda v: v >= 1 or v == -1, "a positive number of training steps"),
-        ("sampler.steps", lambda v: v >= 1, "at least 1 (a sampler needs one step)"),
+        ("sampler.steps", lambda v: v >= 1, "at least 1 (a sampler needs at least one step)"),
         ("data.batch_size", lambda v: v >= 1, "at least 1"),
         ("optimizer.lr", lambda v: v > 0, "a positive learning rate, such as 1e-3"),
         ("optimizer.weight_decay", lambda v: v >= 0, "0 or more"),
