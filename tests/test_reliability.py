@@ -366,6 +366,15 @@ def test_a_failing_job_never_stops_its_siblings(tmp_path):
     assert json.loads((jobs["AdamW"] / "metrics.json").read_text())["global_step"] == 6
     assert not (jobs["NoSuchOptimizer"] / "metrics.json").exists()
     assert "job failed; the multirun goes on" in (jobs["NoSuchOptimizer"] / "train.log").read_text()
+    # the sweep's summary lists both, the failed one with its reason
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [r["optimizer._target_"] for r in rows] == ["torch.optim.NoSuchOptimizer", "torch.optim.AdamW"]
+    assert [r["status"] for r in rows] == ["failed", "completed"]
+    assert rows[0]["reason"].startswith("InstantiationException: Error locating target 'torch.optim.NoSuchOptimizer'")
+    assert float(rows[1]["val/w2"]) > 0 and int(rows[1]["nfe"]) == 100 and float(rows[1]["seconds"]) > 0
+    assert "1 of 2 jobs completed" in (tmp_path / "summary.md").read_text()
 
 
 def test_gradient_clipping_is_one_config_value(tmp_path):
@@ -384,3 +393,34 @@ def test_gradient_clipping_is_one_config_value(tmp_path):
         end = fit(cfg)[0].state_dict()
         moved[clip] = float(torch.cat([(end[k] - v).flatten() for k, v in start.items()]).norm())
     assert moved["1e-6"] <= 6e-7 * 1.01 and moved["null"] > 1e-3, moved
+
+
+def test_a_requeue_signal_saves_then_hands_over_to_the_launchers_handler(tmp_path):
+    """Under submitit (hydra/launcher=slurm) SIGUSR2 belongs to submitit, which requeues the job: the callback saves
+    the step first, then calls that handler (here a stand-in that records the call and exits, as submitit does)."""
+    import lightning as L
+
+    from flowdiff.cli import train as train_cli
+
+    calls = []
+
+    def launcher_handler(signum, frame):
+        calls.append(signum)
+        raise SystemExit(-1)  # submitit exits after requeueing
+
+    class SignalAtStep3(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, launcher_handler)
+    build = train_cli.build_callbacks
+    try:
+        train_cli.build_callbacks = lambda cfg, kind=None: [SignalAtStep3(), *build(cfg, kind)]
+        with pytest.raises(SystemExit):
+            fit(compose_cfg([*FAST, "trainer.max_steps=50", "data.steps_per_epoch=50"], tmp_path))
+    finally:
+        train_cli.build_callbacks = build
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [signal.SIGUSR2]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3

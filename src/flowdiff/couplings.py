@@ -52,6 +52,10 @@ class MinibatchOTCoupling(Coupling):
             ``OTPlanSampler`` does so only with ``normalize_cost=True``, which is not its default).
         by_label: pair only points of the same label (the source points are split at random
             among the labels in proportion to the data's label counts).
+        global_batch: under ``torch.distributed`` (DDP), gather the batch from every rank, pair the global batch
+            on rank 0 (with rank 0's generator) and give each rank its share of the pairs, so the plan is the
+            one a single process would find on the concatenated batch (torchcfm's open issue #19). ``False``:
+            each rank pairs its own batch (cheaper; the plan of a smaller batch). Batches must be equal in size.
 
     Draws (from non-permutation plans, and the label split) use torch's RNG, so ``seed_everything`` fixes
     them, and validation passes its own generator without moving the training stream. A plan that is not
@@ -64,6 +68,7 @@ class MinibatchOTCoupling(Coupling):
         method: Literal["exact", "sinkhorn"] = "exact",
         reg: float = 0.05,
         by_label: bool = False,
+        global_batch: bool = False,
     ) -> None:
         if method not in ("exact", "sinkhorn"):
             raise ValueError(f"unknown OT method {method!r}; choose exact or sinkhorn")
@@ -72,9 +77,13 @@ class MinibatchOTCoupling(Coupling):
         self.method = method
         self.reg = reg
         self.by_label = by_label
+        self.global_batch = global_batch
 
     def __repr__(self) -> str:
-        return f"MinibatchOTCoupling(method={self.method!r}, reg={self.reg}, by_label={self.by_label})"
+        return (
+            f"MinibatchOTCoupling(method={self.method!r}, reg={self.reg}, by_label={self.by_label}, "
+            f"global_batch={self.global_batch})"
+        )
 
     def plan_indices(
         self, x0: Tensor, z: Tensor, generator: torch.Generator | None = None
@@ -103,28 +112,62 @@ class MinibatchOTCoupling(Coupling):
         flat = torch.multinomial(p, n1, replacement=True, generator=generator).numpy()
         return np.divmod(flat, n1)
 
-    def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator=None) -> Batch:
+    def pairs(
+        self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Index arrays ``(i, j)``: the coupled batch is ``x0[i], z[j], y[j]`` (labels stay with their data)."""
         if not self.by_label or y is None:
-            i, j = self.plan_indices(x0, z, generator)
-        else:
-            if x0.shape[0] != z.shape[0]:
-                raise ValueError("label-aware OT needs as many source as data points")
-            labels = y.cpu().numpy()
-            source_order = torch.randperm(x0.shape[0], generator=generator).numpy()
-            i_parts, j_parts, start = [], [], 0
-            for c in np.unique(labels):
-                jz = np.flatnonzero(labels == c)
-                i0 = source_order[start : start + len(jz)]
-                start += len(jz)
-                i, j = self.plan_indices(
-                    x0[torch.as_tensor(i0, device=x0.device)], z[torch.as_tensor(jz, device=z.device)], generator
-                )
-                i_parts.append(i0[i])
-                j_parts.append(jz[j])
-            i, j = np.concatenate(i_parts), np.concatenate(j_parts)
+            return self.plan_indices(x0, z, generator)
+        if x0.shape[0] != z.shape[0]:
+            raise ValueError("label-aware OT needs as many source as data points")
+        labels = y.cpu().numpy()
+        source_order = torch.randperm(x0.shape[0], generator=generator).numpy()
+        i_parts, j_parts, start = [], [], 0
+        for c in np.unique(labels):
+            jz = np.flatnonzero(labels == c)
+            i0 = source_order[start : start + len(jz)]
+            start += len(jz)
+            i, j = self.plan_indices(
+                x0[torch.as_tensor(i0, device=x0.device)], z[torch.as_tensor(jz, device=z.device)], generator
+            )
+            i_parts.append(i0[i])
+            j_parts.append(jz[j])
+        return np.concatenate(i_parts), np.concatenate(j_parts)
+
+    def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator=None) -> Batch:
+        if self.global_batch and _world_size() > 1:
+            return self._global(x0, z, y, generator)
+        i, j = self.pairs(x0, z, y, generator)
         i_t = torch.as_tensor(i, device=x0.device)
         j_t = torch.as_tensor(j, device=z.device)
         return x0[i_t], z[j_t], (None if y is None else y[j_t])
+
+    def _global(self, x0: Tensor, z: Tensor, y: Tensor | None, generator) -> Batch:
+        """Gather, pair on rank 0, broadcast the pairing, keep this rank's rows ``[rank b, (rank + 1) b)``."""
+        import torch.distributed as dist
+
+        world, rank, b = dist.get_world_size(), dist.get_rank(), z.shape[0]
+
+        def gather(t: Tensor) -> Tensor:
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t.contiguous())
+            return torch.cat(parts)
+
+        x0_all, z_all = gather(x0), gather(z)
+        y_all = None if y is None else gather(y)
+        index = torch.empty(2, world * b, dtype=torch.long, device=z.device)
+        if rank == 0:
+            i, j = self.pairs(x0_all, z_all, y_all, generator)
+            index.copy_(torch.as_tensor(np.stack([i, j]), device=z.device))
+        dist.broadcast(index, src=0)
+        i_t, j_t = index[:, rank * b : (rank + 1) * b]
+        return x0_all[i_t], z_all[j_t], (None if y_all is None else y_all[j_t])
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def transport_cost(x0: Tensor, z: Tensor) -> float:

@@ -96,6 +96,7 @@ class FlowModule(L.LightningModule):
         self.source = source
         self.train_t_range = objective.train_time_range(path)  # probed in float32, what training computes in
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
+        self.sample_nfe: int | None = None  # network evaluations per sample in the last validation round
         self.autocast_dtype = autocast_dtype
         self._data_moments_fn = data_moments
         self._data_moments: tuple[Tensor, Tensor] | None = None
@@ -104,6 +105,13 @@ class FlowModule(L.LightningModule):
             net.to(memory_format=torch.channels_last)
         # kept out of nn.Module registration so checkpoints hold `net.*` only, compiled or not
         self.__dict__["_forward"] = torch.compile(net) if compile else net
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies (Lightning's EMA deep-copies the module) leave out the data-moments callable: a method of the
+        # datamodule, which holds the trainer, whose DDP launcher holds thread locks that cannot be copied
+        state = dict(super().__getstate__())
+        state["_data_moments_fn"] = None
+        return state
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
@@ -199,7 +207,8 @@ class FlowModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         g = torch.Generator(device=batch["x1"].device).manual_seed(batch_idx)  # same noise every epoch
         loss = self.loss(batch, generator=g)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["x1"].shape[0])
+        multi = self._trainer is not None and self._trainer.world_size > 1
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["x1"].shape[0], sync_dist=multi)
         return loss
 
     def configure_optimizers(self):

@@ -251,7 +251,7 @@ class ImageMetrics(_EveryN):
         share = range(rank, self.n, world)  # the same n images whatever the number of ranks
         y_all = balanced_labels(self.n, num_classes)
         y = None if y_all is None else y_all[list(share)]
-        images, _ = sample_images(
+        images, pl_module.sample_nfe = sample_images(
             pl_module, len(share), y, self.guidance_scale, self.seed + 7919 * rank, self.batch_size
         )
         self.metric.update(images, real=False)
@@ -270,10 +270,13 @@ class ImageMetrics(_EveryN):
             return
         num_classes = trainer.datamodule.num_classes if pl_module.guidance is not None else 0
         out = self.evaluate(pl_module, num_classes, trainer.global_rank, trainer.world_size)
+        # the values are already reduced over the ranks (torchmetrics' sync, the gathered counts): every rank logs
+        # the same number, so checkpoint callbacks monitoring val/fid find it on every rank
+        sync = trainer.world_size > 1
         for key, value in out.items():
-            pl_module.log(f"val/{key}", value, prog_bar=key == "fid", rank_zero_only=True, sync_dist=False)
+            pl_module.log(f"val/{key}", value, prog_bar=key == "fid", sync_dist=sync)
         if self.floor is not None:
-            pl_module.log("val/fid_floor", self.floor["fid"], rank_zero_only=True)
+            pl_module.log("val/fid_floor", self.floor["fid"], sync_dist=sync)
 
 
 __all__ = ["ImageGrid", "ImageMetrics", "balanced_labels", "build_extractor", "sample_images"]

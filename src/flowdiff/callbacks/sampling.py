@@ -23,15 +23,41 @@ def _reference(trainer: L.Trainer, n: int) -> dict[str, torch.Tensor]:
 
 
 def validation_samples(trainer: L.Trainer, pl_module, n: int, seed: int = 1234) -> torch.Tensor:
-    """``n`` samples for this validation round, drawn once and shared by the callbacks (same seed each time)."""
+    """``n`` samples for this validation round, drawn once and shared by the callbacks (same seed each time).
+
+    Under DDP each rank samples its contiguous share of the ``n`` starting points (all drawn from ``seed``, so the
+    same points whatever the number of ranks) and the shares are gathered: every rank returns all ``n`` samples.
+    Call it on every rank (it is a collective)."""
     cached = getattr(pl_module, "_validation_samples", None)
     if cached is not None and cached[0] == trainer.global_step and cached[1].shape[0] >= n:
         return cached[1][:n]
     ref = _reference(trainer, n)
-    y = ref["y"] if pl_module.guidance is not None else None
-    x = pl_module.sample(len(ref["x1"]), y=y, generator=torch.Generator().manual_seed(seed)).x.cpu()
+    n = len(ref["x1"])
+    world, rank = trainer.world_size, trainer.global_rank
+    x0 = pl_module.draw_source(n, torch.Generator().manual_seed(seed))
+    per = math.ceil(n / world)
+    mine = slice(min(rank * per, n), min((rank + 1) * per, n))
+    y = ref["y"][mine] if pl_module.guidance is not None else None
+    noise = torch.Generator().manual_seed(seed + 1 + rank)  # SDE noise: per rank
+    result = pl_module.sample(x0[mine].shape[0], y=y, x0=x0[mine], generator=noise)
+    x, pl_module.sample_nfe = result.x, result.nfe
+    if world > 1:
+        padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        x = pl_module.all_gather(padded).reshape(world * per, *x.shape[1:])[:n]
+    x = x.cpu()
     pl_module._validation_samples = (trainer.global_step, x)
     return x
+
+
+def log_once(trainer: L.Trainer, pl_module, name: str, compute, **kwargs) -> float:
+    """``compute()`` on rank 0 only, the value broadcast, and logged by every rank (so that checkpoint callbacks
+    monitoring it find it everywhere) as one value: computed once, logged once."""
+    value = float(compute()) if trainer.is_global_zero else 0.0
+    if trainer.world_size > 1:
+        value = float(trainer.strategy.broadcast(value, src=0))
+    pl_module.log(name, value, sync_dist=trainer.world_size > 1, **kwargs)
+    return value
 
 
 class DistributionMetrics(L.Callback):
@@ -51,18 +77,18 @@ class DistributionMetrics(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
         n = min(self.n, len(dm.val_set["x1"]), len(dm.test_set["x1"]))
-        self.floor = w2(dm.val_set["x1"][:n], dm.test_set["x1"][:n])
+        self.floor = w2(dm.val_set["x1"][:n], dm.test_set["x1"][:n]) if trainer.is_global_zero else math.nan
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         ref = _reference(trainer, self.n)["x1"]
         x = validation_samples(trainer, pl_module, len(ref))
-        finite = torch.isfinite(x).all()
-        pl_module.log("val/w2", w2(x, ref) if finite else math.inf, prog_bar=True)
-        pl_module.log("val/mmd", mmd(x[:1000], ref[:1000]) if finite else math.inf)
+        finite = bool(torch.isfinite(x).all())
+        log_once(trainer, pl_module, "val/w2", lambda: w2(x, ref) if finite else math.inf, prog_bar=True)
+        log_once(trainer, pl_module, "val/mmd", lambda: mmd(x[:1000], ref[:1000]) if finite else math.inf)
         if self.floor is not None:
-            pl_module.log("val/w2_floor", self.floor)
+            log_once(trainer, pl_module, "val/w2_floor", lambda: self.floor)
 
 
 class SamplePlot(L.Callback):
@@ -87,10 +113,10 @@ class SamplePlot(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if not trainer.is_global_zero:
-            return
         ref = _reference(trainer, self.n)
-        x = validation_samples(trainer, pl_module, len(ref["x1"]))
+        x = validation_samples(trainer, pl_module, len(ref["x1"]))  # every rank: a collective under DDP
+        if not trainer.is_global_zero:  # one plot, written by rank 0
+            return
         k = min(self.n_trajectories, len(ref["x1"]))
         y = ref["y"][:k] if pl_module.guidance is not None else None
         traj = pl_module.sample(k, y=y, return_trajectory=True, generator=torch.Generator().manual_seed(99))

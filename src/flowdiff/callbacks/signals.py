@@ -1,5 +1,7 @@
-"""Save before dying: SIGTERM (``kill``, the end of a SLURM time limit, preemption) and SIGUSR1 (SLURM's
-``--signal=USR1@90`` warning) write ``last.ckpt`` after the current step, then stop the run in one sentence."""
+"""Save before dying: SIGTERM (``kill``, the end of a SLURM time limit, preemption), SIGUSR1 (SLURM's
+``--signal=USR1@90`` warning) and SIGUSR2 (submitit's preemption and time-out signal) write ``last.ckpt`` after the
+current step, then stop the run in one sentence, or hand over to the handler that was there before (submitit's,
+which requeues the job)."""
 
 from __future__ import annotations
 
@@ -17,15 +19,19 @@ log = logging.getLogger("flowdiff")
 
 
 class CheckpointOnSignal(L.Callback):
-    """On SIGTERM or SIGUSR1, finish the current training step, save ``<dirpath>/last.ckpt`` (atomically, through
-    the trainer's checkpoint IO) and raise :class:`TrainingInterrupted`; ``train.py`` exits with ``128 + signum``.
+    """On SIGTERM, SIGUSR1 or SIGUSR2, finish the current training step and save ``<dirpath>/last.ckpt``
+    (atomically, through the trainer's checkpoint IO). Then:
 
-    With ``requeue=true`` inside a SLURM job, ``scontrol requeue`` the job after saving: the restarted job
-    resumes from that checkpoint (``ckpt_path=last``, or its own run directory's ``last.ckpt`` under the SLURM
-    launcher). Lightning's own SIGTERM handling (stop after the step, no checkpoint) is replaced while ``fit`` runs.
+    * for SIGUSR1/SIGUSR2, if a Python handler was installed before training (submitit's, under
+      ``hydra/launcher=slurm``: it requeues the job and exits), call it: the requeued job restarts in the same run
+      directory and resumes from that checkpoint;
+    * else raise :class:`TrainingInterrupted`; ``train.py`` exits with ``128 + signum``. With ``requeue=true``
+      inside a SLURM job, first ``scontrol requeue`` the job (for jobs started by plain ``sbatch``).
+
+    Lightning's own SIGTERM handling (stop after the step, no checkpoint) is replaced while ``fit`` runs.
     """
 
-    signals = (signal.SIGTERM, signal.SIGUSR1)
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, dirpath: str | Path, requeue: bool = False) -> None:
         self.dirpath = Path(dirpath)
@@ -65,6 +71,11 @@ class CheckpointOnSignal(L.Callback):
             job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
             done = subprocess.run(["scontrol", "requeue", job], check=False).returncode == 0
             requeued = f"; SLURM job {job} {'requeued' if done else 'could not be requeued'}"
+        previous = self._previous.get(self.received)
+        if self.received != signal.SIGTERM and callable(previous) and not requeued:  # submitit's requeues and exits
+            log.info("%s: saved step %d to %s; handing over to %r", name, trainer.global_step, path, previous)
+            self._restore()
+            previous(self.received, None)
         raise TrainingInterrupted(
             f"{name} received: saved step {trainer.global_step} to {path}{requeued}; resume with ckpt_path={path} "
             "(or ckpt_path=last with the same overrides)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 from omegaconf import OmegaConf
 
@@ -19,5 +20,17 @@ def job_dir(override_dirname: str, num: int | str) -> str:
     return f"job{num}-{digest}-{name[: MAX_JOB_DIR - 20]}"
 
 
+def device_count() -> int:
+    """GPUs on this machine (at least 1); ``FLOWDIFF_DEVICE_COUNT`` overrides it (tests fake a GPU box with it)."""
+    fake = os.environ.get("FLOWDIFF_DEVICE_COUNT")
+    if fake:
+        return int(fake)
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
 if not OmegaConf.has_resolver("flowdiff_job_dir"):
     OmegaConf.register_new_resolver("flowdiff_job_dir", job_dir)
+if not OmegaConf.has_resolver("flowdiff_device_count"):
+    OmegaConf.register_new_resolver("flowdiff_device_count", device_count)

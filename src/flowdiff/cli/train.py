@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from flowdiff.callbacks import DistributionMetrics, ImageGrid, ImageMetrics, SamplePlot, Throughput
 from flowdiff.checkpointing import AtomicCheckpointIO, check_weights_fit, read_checkpoint, resume_path
+from flowdiff.cli import device_count
 from flowdiff.cli.build import build_datamodule, build_module
 from flowdiff.errors import ConfigError, NonFiniteLoss, TrainingInterrupted
 from flowdiff.metrics.images import fid_report
+from flowdiff.sweeps import JOB_RECORD
 
 log = logging.getLogger("flowdiff")
 
@@ -80,6 +86,13 @@ def build_loggers(cfg: DictConfig) -> list:
 
 def fit(cfg: DictConfig):
     """Build everything from ``cfg`` and fit; returns ``(module, datamodule, trainer, callbacks, seconds)``."""
+    strategy = str(cfg.trainer.get("strategy", ""))
+    if _multirun() and "ddp" in strategy and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError(
+            f"trainer.strategy={strategy} inside a local -m sweep: Lightning starts a job's other processes by "
+            "re-running the command line, which would start the whole sweep again in each; run DDP jobs one at a "
+            "time (no -m), through hydra/launcher=slurm, or one GPU per job with hydra/launcher=gpus"
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = resume_path(cfg)
     datamodule = build_datamodule(cfg)
@@ -91,11 +104,28 @@ def fit(cfg: DictConfig):
         if isinstance(c, ImageMetrics):
             c.check(datamodule)  # a missing weights file is one sentence now, not after the first epoch
     loggers = build_loggers(cfg)
-    for logger in loggers:
-        logger.log_hyperparams(module.run_config)  # the resolved config: every choice of the run
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
+    per_device = int(cfg.data.batch_size)
+    module.run_config["batch_size"] = {  # logged with the config: what one step sees in all
+        "per_device": per_device,
+        "devices": trainer.world_size,
+        "global": per_device * trainer.world_size,
+    }
+    for logger in loggers:
+        logger.log_hyperparams(module.run_config)  # the resolved config: every choice of the run
+    if trainer.world_size > 1 and trainer.is_global_zero:
+        log.info(
+            "batch: %d per device x %d devices = %d per step; coupling: %r (%s)",
+            per_device,
+            trainer.world_size,
+            per_device * trainer.world_size,
+            module.coupling,
+            "one plan over the global batch"
+            if getattr(module.coupling, "global_batch", False)
+            else "pairs within each device's batch",
+        )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module, datamodule, trainer, callbacks, time.perf_counter() - start
@@ -103,16 +133,19 @@ def fit(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train one model; returns the final metrics (also written to ``<run_dir>/metrics.json``)."""
-    _, _, trainer, callbacks, seconds = fit(cfg)
+    module, _, trainer, callbacks, seconds = fit(cfg)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for c in callbacks:
         if isinstance(c, Throughput):
             metrics.update(c.result())
     metrics["train_seconds"] = seconds
     metrics["global_step"] = trainer.global_step
+    if getattr(module, "sample_nfe", None) is not None:
+        metrics["nfe"] = module.sample_nfe  # network evaluations per sample in the last validation round
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if trainer.is_global_zero:  # one writer under DDP
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot = next((c.last_path for c in callbacks if isinstance(c, SamplePlot) and c.last_path), None)
     grids = next((c.last_paths for c in callbacks if isinstance(c, ImageGrid) and c.last_paths), [])
     image_metrics = next((c for c in callbacks if isinstance(c, ImageMetrics) and c.metric is not None), None)
@@ -143,23 +176,103 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def main(cfg: DictConfig) -> float:
-    """Hydra task: one sentence on a bad combination; in a multirun a failed job does not stop the others."""
+def claim_device(lock_dir: Path, count: int, first: int = 0, poll_s: float = 0.2) -> int:
+    """A device index in ``[0, count)`` that no other job of the sweep holds: the first free one from ``first`` on,
+    taken by creating ``<lock_dir>/<index>.lock`` exclusively (it holds the job's PID; the lock of a dead process
+    is taken over). Waits while all are held."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for k in [(first + i) % count for i in range(count)]:
+            lock = lock_dir / f"{k}.lock"
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    os.kill(int(lock.read_text() or -1), 0)
+                except (ProcessLookupError, ValueError):  # its job died without releasing it
+                    lock.unlink(missing_ok=True)
+                except (FileNotFoundError, PermissionError):
+                    pass
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return k
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def pinned_device(cfg: DictConfig):
+    """Under ``hydra/launcher=gpus``: hold one GPU for this job (``trainer.devices=[k]``) and yield ``k``; else
+    ``None``."""
+    if not (_multirun() and HydraConfig.get().runtime.choices.get("hydra/launcher") == "gpus"):
+        yield None
+        return
+    hc = HydraConfig.get()
+    count = device_count()
+    lock_dir = Path(hc.sweep.dir) / ".devices"
+    k = claim_device(lock_dir, count, first=int(hc.job.num) % count)
     try:
-        metrics = train(cfg)
+        if cfg.trainer.get("accelerator") != "cpu" and torch.cuda.is_available():
+            with open_dict(cfg):
+                cfg.trainer.devices = [k]
+        log.info("job %s runs on device %d of %d", hc.job.num, k, count)
+        yield k
+    finally:
+        (lock_dir / f"{k}.lock").unlink(missing_ok=True)
+
+
+def _write_job_record(cfg: DictConfig, record: dict) -> None:
+    """``<run_dir>/job.json``: how this job ended, for the sweep summary (:mod:`flowdiff.sweeps`); rank 0 only."""
+    if rank_zero_only.rank != 0:
+        return
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if HydraConfig.initialized():
+        record["job"] = HydraConfig.get().job.get("num")
+    (run_dir / JOB_RECORD).write_text(json.dumps(record, indent=2, default=str))
+
+
+def main(cfg: DictConfig) -> float:
+    """Hydra task: one sentence on a bad combination; in a multirun a failed job does not stop the others.
+
+    Every job leaves ``job.json`` (completed with its metrics, or failed with its one-line reason)."""
+    start, started_at, device = time.perf_counter(), time.time(), None
+
+    def record(status: str, reason: str = "", metrics: dict | None = None) -> None:
+        seconds = time.perf_counter() - start
+        _write_job_record(
+            cfg,
+            {
+                "status": status,
+                "reason": reason,
+                "seconds": seconds,
+                "metrics": metrics or {},
+                "device": device,
+                "started_at": started_at,
+                "ended_at": time.time(),
+            },
+        )
+
+    try:
+        with pinned_device(cfg) as device:
+            metrics = train(cfg)
     except TrainingInterrupted as err:  # the whole process was told to stop, multirun or not: exit 128 + signum
+        record("interrupted", str(err))
         print(f"stopped: {err}", file=sys.stderr, flush=True)
         sys.exit(128 + err.signum)
     except (ConfigError, NonFiniteLoss) as err:  # one sentence, no traceback: exit code 2 (config) or 3 (NaN loss)
         prefix, code = ("config error", 2) if isinstance(err, ConfigError) else ("stopped", 3)
+        record("failed", f"{prefix}: {err}")
         if _multirun():
             log.error("%s: %s", prefix, err)
             return math.nan
         print(f"{prefix}: {err}", file=sys.stderr)
         sys.exit(code)
-    except Exception:
+    except Exception as err:
+        record("failed", f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
         if not _multirun():
             raise
         log.exception("job failed; the multirun goes on")
         return math.nan
+    record("completed", metrics=metrics)
     return metrics.get(cfg.get("optimized_metric", "val/w2"), math.nan)
