@@ -212,6 +212,9 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
         resume_dir, cfg = run_dir, compose_cfg(goal, run_dir)
     assert train(cfg)["global_step"] == step + 5
     assert json.loads((resume_dir / "metrics.json").read_text())["global_step"] == step + 5
+    # the periodic and the end-of-run checkpoints share one last.ckpt (Lightning would add last-v1.ckpt)
+    assert not list((resume_dir / "checkpoints").glob("last-v*.ckpt"))
+    assert torch.load(resume_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 5
 
 
 def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path):

@@ -21,7 +21,13 @@ def test_summary_lists_every_job_with_its_choices_metrics_and_status(tmp_path):
     k = 0
     for sampler, w2s in (("euler", [0.9, 0.5, 0.3]), ("heun", [0.4, 0.31, 0.3])):
         for steps, w2 in zip((2, 8, 32), w2s):
-            _job(tmp_path, k, [f"sampler={sampler}", f"sampler.steps={steps}", "seed=0"], metrics={"val/w2": w2})
+            nfe = steps * (2 if sampler == "heun" else 1)
+            _job(
+                tmp_path,
+                k,
+                [f"sampler={sampler}", f"sampler.steps={steps}", "seed=0"],
+                metrics={"val/w2": w2, "nfe": nfe},
+            )
             k += 1
     _job(tmp_path, k, ["sampler=rk4", "sampler.steps=2", "seed=0"], "failed", reason="config error: no")
     killed = tmp_path / "sampler=rk4,sampler.steps=8,seed=0"
@@ -31,7 +37,7 @@ def test_summary_lists_every_job_with_its_choices_metrics_and_status(tmp_path):
     assert swept_keys(rows) == ["sampler", "sampler.steps"]  # seed is the same everywhere: not a column
     write_summary(tmp_path, plot={"x": "sampler.steps", "line": "sampler", "metric": "val/w2"})
     table = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert list(table[0]) == ["job", "sampler", "sampler.steps", "status", "val/w2", "seconds", "reason"]
+    assert list(table[0]) == ["job", "sampler", "sampler.steps", "status", "val/w2", "nfe", "seconds", "reason"]
     assert [r["status"] for r in table] == ["completed"] * 6 + ["failed", "no record"]
     assert table[1] == {
         "job": "1",
@@ -39,6 +45,7 @@ def test_summary_lists_every_job_with_its_choices_metrics_and_status(tmp_path):
         "sampler.steps": "8",
         "status": "completed",
         "val/w2": "0.5",
+        "nfe": "8",
         "seconds": "2.5",
         "reason": "",
     }
@@ -46,6 +53,8 @@ def test_summary_lists_every_job_with_its_choices_metrics_and_status(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("# Sweep") and "6 of 8 jobs completed" in md and md.count("\n|") == 10  # header, rule, 8 jobs
     assert (tmp_path / "summary_val_w2_vs_sampler.steps.png").stat().st_size > 5000
+    by_nfe = plot_summary(rows, "nfe", "sampler", "val/w2", tmp_path)  # a recorded value as the axis
+    assert by_nfe.name == "summary_val_w2_vs_nfe.png" and by_nfe.stat().st_size > 5000
     with pytest.raises(ValueError, match="no completed job has both sampler.steps and val/fid"):
         plot_summary(rows, "sampler.steps", "sampler", "val/fid", tmp_path)
     main([str(tmp_path), "--x", "sampler.steps", "--line", "sampler"])  # the command-line form

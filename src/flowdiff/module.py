@@ -230,7 +230,7 @@ class FlowModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
         trainer = self._trainer
-        if states is None or trainer is None or not trainer.training and trainer.state.fn != "fit":
+        if states is None or trainer is None or trainer.state.fn != "fit":  # only a resumed fit continues a stream
             return
         torch.set_rng_state(states["torch"])
         if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():

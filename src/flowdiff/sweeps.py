@@ -116,15 +116,17 @@ def write_summary(sweep_dir: str | Path, plot: dict | None = None) -> Path | Non
 def plot_summary(
     rows: Sequence[dict[str, Any]], x: str, line: str | None = None, metric: str = "val/w2", out: str | Path = "."
 ) -> Path:
-    """``metric`` against the swept ``x`` (numeric), one line per value of ``line``; completed jobs only."""
+    """``metric`` against ``x`` (a numeric swept key such as ``sampler.steps``, or a recorded one such as ``nfe``),
+    one line per value of the swept ``line``; completed jobs only."""
     from flowdiff.plotting import plt
 
     groups: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        if r["status"] != "completed" or f"+{x}" not in r or not isinstance(r.get(metric), (int, float)):
+        x_value = r.get(f"+{x}", r.get(x))
+        if r["status"] != "completed" or x_value is None or not isinstance(r.get(metric), (int, float)):
             continue
         key = str(r.get(f"+{line}", "")) if line else metric
-        groups.setdefault(key, []).append((float(r[f"+{x}"]), float(r[metric])))
+        groups.setdefault(key, []).append((float(x_value), float(r[metric])))
     if not groups:
         raise ValueError(f"no completed job has both {x} and {metric}: check the names (swept: {swept_keys(rows)})")
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -188,10 +188,12 @@ def claim_device(lock_dir: Path, count: int, first: int = 0, poll_s: float = 0.2
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 try:
-                    os.kill(int(lock.read_text() or -1), 0)
-                except (ProcessLookupError, ValueError):  # its job died without releasing it
+                    holder = lock.read_text().strip()
+                    if holder:  # empty: its job is writing its PID right now
+                        os.kill(int(holder), 0)
+                except ProcessLookupError:  # its job died without giving it back
                     lock.unlink(missing_ok=True)
-                except (FileNotFoundError, PermissionError):
+                except (FileNotFoundError, PermissionError, ValueError):
                     pass
                 continue
             os.write(fd, str(os.getpid()).encode())
