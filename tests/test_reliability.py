@@ -43,22 +43,28 @@ def _state(module, trainer, callbacks):
 def test_resume_is_bit_for_bit(tmp_path):
     """8 steps straight equal 5 steps, a stop, and 3 more from the checkpoint, bit for bit: weights, EMA, Adam's
     moments, the LR schedule and the RNG stream (noise, times, OT coupling, label dropout) and the data stream.
-    5 is mid-epoch (3 batches per epoch), the case Lightning calls unreliable for a loader without state."""
+    5 is mid-epoch (3 batches per epoch), the case Lightning calls unreliable for a loader without state. Both
+    checkpoints a run can be resumed from: the end-of-run one (after its validation) and the periodic one written
+    in the middle of a run (what kill -9 leaves)."""
     straight = fit(compose_cfg([*RESUMABLE, "trainer.max_steps=8"], tmp_path / "a"))
-    first = fit(compose_cfg([*RESUMABLE, "trainer.max_steps=5"], tmp_path / "b"))
-    last = first[2].checkpoint_callback.last_model_path
-    assert torch.load(last, weights_only=False)["global_step"] == 5
-    resumed = fit(compose_cfg([*RESUMABLE, "trainer.max_steps=8", f"ckpt_path={last}"], tmp_path / "c"))
-    a, b = _state(straight[0], straight[2], straight[3]), _state(resumed[0], resumed[2], resumed[3])
-    assert resumed[2].global_step == straight[2].global_step == 8
-    assert resumed[1].batches_trained == straight[1].batches_trained == 8
-    for part in ("weights", "ema", "adam"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    assert a["lr"] == b["lr"] and torch.equal(a["rng"], b["rng"])
-    # and the stop mattered: the first 5 steps' weights differ from the 8 steps' ones
-    early = _state(first[0], first[2], first[3])["weights"]
+    a = _state(straight[0], straight[2], straight[3])
+    ended = fit(compose_cfg([*RESUMABLE, "trainer.max_steps=5"], tmp_path / "b"))[2].checkpoint_callback.last_model_path
+    periodic = ["callbacks.checkpoint=null", "callbacks.last_checkpoint.every_n_train_steps=5", "trainer.max_steps=7"]
+    fit(compose_cfg([*RESUMABLE, *periodic], tmp_path / "d"))
+    midway = tmp_path / "d" / "checkpoints" / "last.ckpt"
+    for name, last in (("end of run", ended), ("periodic", midway)):
+        assert torch.load(last, weights_only=False)["global_step"] == 5, name
+        resumed = fit(compose_cfg([*RESUMABLE, "trainer.max_steps=8", f"ckpt_path={last}"], tmp_path / name))
+        b = _state(resumed[0], resumed[2], resumed[3])
+        assert resumed[2].global_step == straight[2].global_step == 8
+        assert resumed[1].batches_trained == straight[1].batches_trained == 8
+        for part in ("weights", "ema", "adam"):
+            assert a[part].keys() == b[part].keys()
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), (name, part, k)
+        assert a["lr"] == b["lr"] and torch.equal(a["rng"], b["rng"]), name
+    # and the stop mattered: the weights after 5 steps differ from those after 8
+    early = torch.load(ended, weights_only=False)["state_dict"]
     assert any(not torch.equal(early[k], a["weights"][k]) for k in early)
 
 

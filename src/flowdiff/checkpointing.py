@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from flowdiff.errors import ConfigError
@@ -50,6 +51,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt`` every ``every_n_train_steps`` training steps and at no other time, so that ``kill -9``
+    loses at most that many steps. Lightning's ModelCheckpoint would also write ``last.ckpt`` at every epoch end
+    and when training ends (after EMA has copied its average into the live weights); the end-of-run ``last.ckpt``
+    is the main checkpoint callback's, written after the final validation."""
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 500) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=0,
+            save_last=True,
+            enable_version_counter=False,
+        )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        pass
 
 
 def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:

@@ -16,11 +16,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from flowdiff.callbacks import DistributionMetrics, ImageGrid, ImageMetrics, SamplePlot, Throughput
+from flowdiff.callbacks import (
+    CheckpointOnSignal,
+    DistributionMetrics,
+    ImageGrid,
+    ImageMetrics,
+    SamplePlot,
+    Throughput,
+)
 from flowdiff.checkpointing import AtomicCheckpointIO, check_weights_fit, read_checkpoint, resume_path
 from flowdiff.cli import device_count
 from flowdiff.cli.build import build_datamodule, build_module
@@ -36,7 +43,7 @@ def _multirun() -> bool:
 
 
 def build_callbacks(cfg: DictConfig, data_kind: str | None = None) -> list[L.Callback]:
-    """Instantiate ``cfg.callbacks`` (entries set to null are off); EMA goes last so samplers see its weights.
+    """Instantiate ``cfg.callbacks`` (entries set to null are off), in the order below.
 
     Callbacks made for one kind of data (``data_kinds``: the 2D plot and W2 for vectors, grids and FID for
     images) are dropped for the other, so one callback config serves both.
@@ -47,8 +54,12 @@ def build_callbacks(cfg: DictConfig, data_kind: str | None = None) -> list[L.Cal
             raise ConfigError(
                 f"callbacks.{name} has settings but no _target_: set callbacks.{name}=null or give it one"
             )
-    ordered = sorted(specs, key=lambda k: k == "ema")
-    callbacks = [instantiate(specs[k]) for k in ordered]
+    # EMA after the callbacks that sample in validation (they must see its average before it swaps back), and the
+    # checkpoint writers after EMA (a checkpoint of step N holds EMA's update of step N: resumes are exact)
+    callbacks = sorted(
+        (instantiate(spec) for spec in specs.values()),
+        key=lambda c: 2 if isinstance(c, (ModelCheckpoint, CheckpointOnSignal)) else isinstance(c, WeightAveraging),
+    )
     callbacks = [c for c in callbacks if data_kind is None or data_kind in getattr(c, "data_kinds", (data_kind,))]
     for c in callbacks:  # monitor=auto: the headline metric of the data kind, if a callback computes it
         if isinstance(c, ModelCheckpoint) and c.monitor == "auto":
