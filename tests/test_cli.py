@@ -56,6 +56,9 @@ def test_sample_is_reproducible_and_sweepable(trained, tmp_path):
         outs.append(torch.load(d / "samples.pt"))
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["nfe"] == 14 and metrics["guidance_scale"] == 3
+        assert (
+            metrics["straightness"] > 0 and metrics["straightness_n"] == 300
+        )  # of the model's ODE (test_straightness)
         assert (d / "samples.png").exists()
     # the reported W2 is that of the saved samples against the test set (recomputed here)
     from flowdiff.cli.sample import load_checkpoint

@@ -16,6 +16,7 @@ from flowdiff.errors import NonFiniteLoss
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.objectives import Objective
 from flowdiff.samplers import EulerSampler, Sampler, SampleResult
+from flowdiff.straightness import straightness
 
 SourceFn = Callable[[int, "torch.Generator | None"], Tensor]
 FieldFn = Callable[[Tensor, Tensor], Tensor]
@@ -281,6 +282,39 @@ class FlowModule(L.LightningModule):
             self._data_moments = self._data_moments_fn()
         return self._data_moments if self._data_moments is not None else (None, None)
 
+    def _labels(self, n: int, y: Tensor | int | None) -> Tensor | None:
+        if isinstance(y, int):
+            y = torch.full((n,), y, dtype=torch.long)
+        return None if y is None else y.to(self.device)
+
+    def _start_at(self, x0: Tensor, t_start: float) -> Tensor:
+        """The sampler's starting state at ``t_start``: ``x0`` itself at t = 0; N(0, I) is p_0, not p_t0, so later
+        starts draw from the Gaussian with the moments of ``p_t0`` (:meth:`GaussianPath.source_at`)."""
+        if self.source is None and t_start > 0 and hasattr(self.path, "source_at"):
+            return self.path.source_at(x0, t_start, *self.data_moments())
+        return x0
+
+    @torch.no_grad()
+    def straightness(
+        self,
+        n: int,
+        steps: int = 100,
+        y: Tensor | int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> float:
+        """The straightness ``E int ||(X_1 - X_0) - v(X_t, t)||^2 dt`` of the model's ODE along its own trajectories
+        from ``n`` starting points drawn as :meth:`sample` draws them (:mod:`flowdiff.straightness`)."""
+        x0 = self.draw_source(n, generator)
+        fields = self.vector_fields(self._labels(n, y), guidance_scale)
+        t_span = self.objective.sample_time_range(self.path, dtype=x0.dtype)
+        was_training = self.training
+        self.eval()
+        try:
+            return straightness(fields.velocity, self._start_at(x0, t_span[0]), t_span, steps)[0]
+        finally:
+            self.train(was_training)
+
     def draw_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         if self.source is not None:
             return self.source(n, generator).to(self.device)
@@ -308,9 +342,7 @@ class FlowModule(L.LightningModule):
         if sampler.stochastic and "score" not in self.path.parameterisations:
             raise ValueError(f"{type(sampler).__name__} needs a score, so a Gaussian source: use an ODE sampler")
         x0 = self.draw_source(n, generator) if x0 is None else x0.to(self.device)
-        if isinstance(y, int):
-            y = torch.full((n,), y, dtype=torch.long)
-        y = None if y is None else y.to(self.device)
+        y = self._labels(n, y)
         fields = self.vector_fields(y, guidance_scale)
         was_training = self.training
         self.eval()
@@ -319,9 +351,7 @@ class FlowModule(L.LightningModule):
             if generator is not None and self.device.type != "cpu":
                 noise_gen = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
             t_span = self.objective.sample_time_range(self.path, stochastic=sampler.stochastic, dtype=x0.dtype)
-            t_start = float(sampler.grid(x0, t_span)[0])
-            if self.source is None and t_start > 0 and hasattr(self.path, "source_at"):
-                x0 = self.path.source_at(x0, t_start, *self.data_moments())  # N(0, I) is p_0, not p_t0
+            x0 = self._start_at(x0, float(sampler.grid(x0, t_span)[0]))
             return sampler.sample(
                 fields.velocity,
                 x0,

@@ -139,6 +139,14 @@ def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pa
         "w2_floor": w2(dm.val_set["x1"][:m], ref["x1"][:m]),
         "w2_n": m,
     }
+    scfg = cfg.get("straightness") or {}
+    k = min(int(scfg.get("n", 0) or 0), n)
+    if k > 0:  # of the model's ODE itself, whatever sampler drew the samples
+        steps = int(scfg.get("steps", 100))
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        out["straightness"] = module.straightness(k, steps, None if y is None else y[:k], scale, generator=g)
+        out["straightness_n"], out["straightness_steps"] = k, steps
+        print(f"straightness: {out['straightness']:.4f} (E int ||(X_1 - X_0) - v||^2 dt, {k} paths, {steps} steps)")
     title = f"{sampler_cfg.name}, NFE {nfe}, W2 {out['w2']:.3f} (floor {out['w2_floor']:.3f})"
     fig = plot_samples_2d(x, ref["x1"], title=title)
     fig.savefig(run_dir / "samples.png", dpi=90)
@@ -254,6 +262,7 @@ ROW_KEYS = (
     "seconds",
     "w2",
     "w2_floor",
+    "straightness",
     "fid",
     "fid_floor",
     "kid",
