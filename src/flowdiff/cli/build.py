@@ -15,11 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowdiff.couplings import Coupling, IndependentCoupling, MinibatchOTCoupling
 from flowdiff.data.images import DataError
+from flowdiff.data.pairs import PairsDataModule
 from flowdiff.errors import ConfigError
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.module import FlowModule
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianPath, NoisyInterpolantPath
+from flowdiff.reflow import ReflowCoupling, load_or_make_pairs
 from flowdiff.samplers import SAMPLERS, Sampler, build_sampler
 
 
@@ -29,15 +31,53 @@ def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
     return dict(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-def build_datamodule(cfg: DictConfig):
-    """``cfg.data``; unreadable or missing data is one sentence (:class:`ConfigError`)."""
+def build_datamodule(cfg: DictConfig, training: bool = True):
+    """``cfg.data``; unreadable or missing data is one sentence (:class:`ConfigError`). With ``coupling=reflow``
+    and ``training``, the training batches are the teacher's pairs (:class:`PairsDataModule`, drawn when training
+    starts); a trained student samples without its teacher (``training=False``)."""
     try:
-        return instantiate(cfg.data)
+        datamodule = instantiate(cfg.data)
     except InstantiationException as err:
         cause = err.__cause__ or err
         if isinstance(cause, DataError):
             raise ConfigError(str(cause)) from None
         raise
+    if cfg.coupling.name != "reflow" or not training:
+        return datamodule
+    rc = cfg.coupling
+    teacher, teacher_dm, _ = load_teacher(rc.teacher)  # a missing or foreign teacher, or other data: one sentence now
+
+    def make_pairs():
+        sampler = build_sampler_from(rc.sampler, teacher.path)
+        pairs, _ = load_or_make_pairs(
+            rc.teacher,
+            teacher,
+            sampler,
+            plain_dict(rc.sampler),
+            int(rc.n_pairs),
+            rc.cache_dir,
+            int(rc.get("batch_size", 5000)),
+            int(cfg.seed),
+        )
+        return pairs
+
+    if (teacher_dm.name, tuple(teacher_dm.data_shape)) != (datamodule.name, tuple(datamodule.data_shape)):
+        raise ConfigError(
+            f"coupling=reflow: the teacher was trained on data={teacher_dm.name} {tuple(teacher_dm.data_shape)}, "
+            f"this run is on data={datamodule.name} {tuple(datamodule.data_shape)}: use the teacher's data"
+        )
+    steps = getattr(datamodule, "steps_per_epoch", None)
+    return PairsDataModule(datamodule, make_pairs, int(cfg.data.batch_size), steps, int(cfg.seed))
+
+
+def load_teacher(path: str):
+    """The teacher of a reflow run: ``(module, datamodule, config)`` from its checkpoint."""
+    from flowdiff.cli.sample import load_checkpoint  # sample.py's reader: one sentence for a bad file
+
+    try:
+        return load_checkpoint(path)
+    except ConfigError as err:
+        raise ConfigError(f"coupling.teacher: {err}") from None
 
 
 def build_path(cfg: DictConfig, gaussian_source: bool):
@@ -61,7 +101,11 @@ def build_coupling(cfg: DictConfig) -> Coupling:
         return IndependentCoupling(**kw)
     if name == "minibatch_ot":
         return MinibatchOTCoupling(**kw)
-    raise ConfigError(f"unknown coupling {name!r}; use coupling=independent, coupling=ot or coupling=sinkhorn")
+    if name == "reflow":
+        return ReflowCoupling()
+    raise ConfigError(
+        f"unknown coupling {name!r}; use coupling=independent, coupling=ot, coupling=sinkhorn or coupling=reflow"
+    )
 
 
 def build_guidance(cfg: DictConfig, net: torch.nn.Module) -> ClassifierFreeGuidance | None:
@@ -142,6 +186,16 @@ def validate(cfg: DictConfig, datamodule) -> None:
             "use an ODE sampler such as sampler=euler"
         )
     needs_score = sampler == "euler_maruyama" or (sampler == "ddim" and float(cfg.sampler.get("eta") or 0) > 0)
+    if cfg.coupling.name == "reflow" and objective not in ("cfm", "data"):
+        raise ConfigError(
+            f"coupling=reflow pairs each noise with the teacher's sample of it, so the noise is not independent of "
+            f"the data and objective={objective} (a score) has no meaning: use objective=cfm or objective=data"
+        )
+    if cfg.coupling.name == "reflow" and needs_score:
+        raise ConfigError(
+            f"sampler={sampler} needs the score, which coupling=reflow does not define (its noise is paired with "
+            "the data): use an ODE sampler such as sampler=euler"
+        )
     if cfg.coupling.name == "minibatch_ot" and needs_score:
         raise ConfigError(
             f"sampler={sampler} needs the score, whose formula -E[eps | x_t] / beta_t assumes noise drawn "
@@ -163,8 +217,9 @@ def build_net(cfg: DictConfig, data_shape: tuple[int, ...], num_classes: int) ->
         raise
 
 
-def build_module(cfg: DictConfig, datamodule) -> FlowModule:
-    """The :class:`FlowModule` for ``cfg`` (validated first); the network's sizes come from the data."""
+def build_module(cfg: DictConfig, datamodule, training: bool = True) -> FlowModule:
+    """The :class:`FlowModule` for ``cfg`` (validated first); the network's sizes come from the data. A reflow run
+    that is ``training`` starts from its teacher's weights (``coupling.init_from_teacher``)."""
     validate(cfg, datamodule)
     path = build_path(cfg, datamodule.gaussian_source)
     conditional = cfg.guidance.name != "none"
@@ -194,5 +249,11 @@ def build_module(cfg: DictConfig, datamodule) -> FlowModule:
         data_moments=datamodule.data_moments,
         nan_policy=str(cfg.get("nan_policy", "stop")),
     )
+    if training and cfg.coupling.name == "reflow" and cfg.coupling.get("init_from_teacher", True):
+        from flowdiff.checkpointing import check_weights_fit, read_checkpoint
+
+        teacher = read_checkpoint(cfg.coupling.teacher, "coupling.teacher")
+        check_weights_fit(module, teacher, cfg.coupling.teacher, "coupling.teacher")  # the same net.* settings
+        module.load_state_dict(teacher["state_dict"])  # the teacher's EMA weights, when it had EMA
     module.run_config = plain_dict(cfg)
     return module

@@ -33,8 +33,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compil
     ckpt = read_checkpoint(path, "ckpt")
     train_cfg = OmegaConf.create(ckpt["flowdiff_config"])
     train_cfg.compile = compile
-    datamodule = build_datamodule(train_cfg)
-    module = build_module(train_cfg, datamodule)
+    datamodule = build_datamodule(train_cfg, training=False)  # a reflow student samples without its teacher
+    module = build_module(train_cfg, datamodule, training=False)
     check_weights_fit(module, ckpt, path, "ckpt")
     module.load_state_dict(ckpt["state_dict"])  # EMA weights when EMA was on (Lightning stores the average)
     return module.to(device).eval(), datamodule, train_cfg
