@@ -434,3 +434,22 @@ def test_a_requeue_signal_saves_then_hands_over_to_the_launchers_handler(tmp_pat
         signal.signal(signal.SIGUSR2, previous)
     assert calls == [signal.SIGUSR2]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_training_in_a_thread_runs_without_signal_handlers(tmp_path):
+    """signal.signal works only in the main thread: a fit in another thread (a threading launcher) must still run."""
+    import threading
+
+    result = {}
+
+    def run():
+        try:
+            result["metrics"] = train(compose_cfg([*FAST, "callbacks.plot=null"], tmp_path))
+        except Exception as err:  # reported below
+            result["error"] = err
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=120)
+    assert "error" not in result, result.get("error")
+    assert result["metrics"]["global_step"] == 6

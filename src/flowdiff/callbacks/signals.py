@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -44,6 +45,9 @@ class CheckpointOnSignal(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = None
+        if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread
+            log.warning("training runs outside the main thread: SIGTERM/SIGUSR1/SIGUSR2 will not save a checkpoint")
+            return
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handler)
 
