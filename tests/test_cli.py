@@ -96,33 +96,6 @@ def test_sample_keeps_the_trained_sampler_settings(tmp_path, capsys):
     assert "EulerMaruyamaSampler(steps=5" in printed and "sigma_schedule=constant" in printed
 
 
-def test_two_by_two_multirun_gives_four_runs(tmp_path):
-    """objective x seed: four folders, one per job (seeds once shared a folder, the second job overwriting the
-    first), with different results for different seeds."""
-    run(
-        "train.py",
-        "-m",
-        "objective=cfm,data",
-        "seed=1,2",
-        *FAST,
-        "callbacks.plot=null",
-        f"hydra.sweep.dir={tmp_path}",
-    )
-    results = {}
-    for p in tmp_path.glob("*/metrics.json"):  # the job's overrides (its folder name may be shortened: job_dir)
-        names = (p.parent / ".hydra" / "overrides.yaml").read_text().replace("- ", "").split()
-        key = (next(k for k in names if k.startswith("objective=")), next(k for k in names if k.startswith("seed=")))
-        results[key] = json.loads(p.read_text())
-    assert sorted(results) == [
-        ("objective=cfm", "seed=1"),
-        ("objective=cfm", "seed=2"),
-        ("objective=data", "seed=1"),
-        ("objective=data", "seed=2"),
-    ]
-    assert all("val/w2" in m for m in results.values())
-    assert results[("objective=cfm", "seed=1")]["val/w2"] != results[("objective=cfm", "seed=2")]["val/w2"]
-
-
 def test_wandb_offline_run_holds_the_plot(tmp_path):
     wandb = pytest.importorskip("wandb")
     from flowdiff.cli.train import train

@@ -213,8 +213,10 @@ def test_labels_are_dropped_inside_training_and_kept_in_validation(tmp_path, mon
     assert (val_y != null).all() and len(val_y) > 0
 
 
+@pytest.mark.slow
 def test_resuming_from_ckpt_path_continues_the_run(tmp_path):
-    """ckpt_path=last.ckpt with a larger max_steps goes on from the saved step, optimizer state included."""
+    """ckpt_path=last.ckpt with a larger max_steps goes on from the saved step, optimizer state included. (Slow: the
+    fast suite's test_reliability.py::test_resume_is_bit_for_bit checks more, bit for bit.)"""
     first = tmp_path / "first"
     train(compose_cfg(["trainer.max_steps=6", *FAST[1:]], first))
     saved = torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)

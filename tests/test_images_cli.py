@@ -64,15 +64,15 @@ def test_sample_images_fid_sweep_table_and_bits_per_dim(image_run, tmp_path, cap
         f"ckpt={ckpt}",
         "n=20",
         "guidance.scale=1,3",
-        "sampler.steps=1,2",
+        "sampler.steps=1",
         f"metrics.classifier_path={clf}",
         "metrics.kid_subsets=2",
         f"hydra.sweep.dir={sweep}",
     )
     rows = list(csv.DictReader((sweep / "metrics.csv").open()))
-    assert len(rows) == 4
+    assert len(rows) == 2
     pairs = sorted((float(r["guidance_scale"]), int(r["nfe"])) for r in rows)
-    assert pairs == [(1.0, 1), (1.0, 2), (3.0, 1), (3.0, 2)]
+    assert pairs == [(1.0, 1), (3.0, 1)]
     assert all(float(r["fid"]) > 0 for r in rows)
 
 

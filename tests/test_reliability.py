@@ -355,10 +355,13 @@ def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
 
 
 def test_a_failing_job_never_stops_its_siblings(tmp_path):
-    """A multirun whose first job raises (a class that does not exist): it is logged and the second job finishes.
-    (A job stopped by a one-sentence ConfigError takes the same path: logged, NaN returned.)"""
+    """A 2 x 2 multirun (optimizer x seed) whose NoSuchOptimizer jobs raise: they are logged, the AdamW jobs finish,
+    each job has its own folder (seeds once shared one, each overwriting the last) with different results per seed,
+    and the sweep's summary lists all four, the failed ones with their reason."""
+    import csv
+
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
-    args = ["-m", "optimizer._target_=torch.optim.NoSuchOptimizer,torch.optim.AdamW"]
+    args = ["-m", "optimizer._target_=torch.optim.NoSuchOptimizer,torch.optim.AdamW", "seed=1,2"]
     proc = subprocess.run(
         [sys.executable, "train.py", *args, *FAST, "callbacks.plot=null", f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT,
@@ -367,23 +370,29 @@ def test_a_failing_job_never_stops_its_siblings(tmp_path):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = {}  # each job's optimizer (the folder names are too long to hold it: see flowdiff.cli.job_dir)
+    jobs = {}  # (optimizer, seed) -> folder (the names are too long to hold them: see flowdiff.cli.job_dir)
     for saved in tmp_path.glob("*/.hydra/overrides.yaml"):
-        target = next(o for o in saved.read_text().split() if o.startswith("optimizer._target_"))
-        jobs[target.rsplit(".", 1)[-1]] = saved.parents[1]
-    assert sorted(jobs) == ["AdamW", "NoSuchOptimizer"] and all(len(d.name) <= 240 for d in jobs.values())
-    assert json.loads((jobs["AdamW"] / "metrics.json").read_text())["global_step"] == 6
-    assert not (jobs["NoSuchOptimizer"] / "metrics.json").exists()
-    assert "job failed; the multirun goes on" in (jobs["NoSuchOptimizer"] / "train.log").read_text()
-    # the sweep's summary lists both, the failed one with its reason
-    import csv
-
+        items = dict(o.split("=", 1) for o in saved.read_text().replace("- ", "").split())
+        jobs[(items["optimizer._target_"].rsplit(".", 1)[-1], items["seed"])] = saved.parents[1]
+    assert sorted(jobs) == [("AdamW", "1"), ("AdamW", "2"), ("NoSuchOptimizer", "1"), ("NoSuchOptimizer", "2")]
+    assert len({d for d in jobs.values()}) == 4 and all(len(d.name) <= 240 for d in jobs.values())
+    w2 = {seed: json.loads((jobs[("AdamW", seed)] / "metrics.json").read_text())["val/w2"] for seed in ("1", "2")}
+    assert w2["1"] != w2["2"]
+    assert not (jobs[("NoSuchOptimizer", "1")] / "metrics.json").exists()
+    assert "job failed; the multirun goes on" in (jobs[("NoSuchOptimizer", "1")] / "train.log").read_text()
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert [r["optimizer._target_"] for r in rows] == ["torch.optim.NoSuchOptimizer", "torch.optim.AdamW"]
-    assert [r["status"] for r in rows] == ["failed", "completed"]
-    assert rows[0]["reason"].startswith("InstantiationException: Error locating target 'torch.optim.NoSuchOptimizer'")
-    assert float(rows[1]["val/w2"]) > 0 and int(rows[1]["nfe"]) == 100 and float(rows[1]["seconds"]) > 0
-    assert "1 of 2 jobs completed" in (tmp_path / "summary.md").read_text()
+    status = {(r["optimizer._target_"].rsplit(".", 1)[-1], r["seed"]): r for r in rows}
+    assert {k: r["status"] for k, r in status.items()} == {
+        ("NoSuchOptimizer", "1"): "failed",
+        ("NoSuchOptimizer", "2"): "failed",
+        ("AdamW", "1"): "completed",
+        ("AdamW", "2"): "completed",
+    }
+    failed = status[("NoSuchOptimizer", "1")]["reason"]
+    assert failed.startswith("InstantiationException: Error locating target 'torch.optim.NoSuchOptimizer'")
+    done = status[("AdamW", "1")]
+    assert float(done["val/w2"]) > 0 and int(done["nfe"]) == 100 and float(done["seconds"]) > 0
+    assert "2 of 4 jobs completed" in (tmp_path / "summary.md").read_text()
 
 
 def test_gradient_clipping_is_one_config_value(tmp_path):
