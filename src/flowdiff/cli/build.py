@@ -67,7 +67,7 @@ def build_datamodule(cfg: DictConfig, training: bool = True):
             f"this run is on data={datamodule.name} {tuple(datamodule.data_shape)}: use the teacher's data"
         )
     steps = getattr(datamodule, "steps_per_epoch", None)
-    return PairsDataModule(datamodule, make_pairs, int(cfg.data.batch_size), steps, int(cfg.seed))
+    return PairsDataModule(datamodule, make_pairs, int(cfg.data.batch_size), steps, int(cfg.seed), teacher)
 
 
 def load_teacher(path: str):
@@ -217,9 +217,10 @@ def build_net(cfg: DictConfig, data_shape: tuple[int, ...], num_classes: int) ->
         raise
 
 
-def build_module(cfg: DictConfig, datamodule, training: bool = True) -> FlowModule:
+def build_module(cfg: DictConfig, datamodule) -> FlowModule:
     """The :class:`FlowModule` for ``cfg`` (validated first); the network's sizes come from the data. A reflow run
-    that is ``training`` starts from its teacher's weights (``coupling.init_from_teacher``)."""
+    being trained (its datamodule holds the teacher) starts from the teacher's weights
+    (``coupling.init_from_teacher``)."""
     validate(cfg, datamodule)
     path = build_path(cfg, datamodule.gaussian_source)
     conditional = cfg.guidance.name != "none"
@@ -249,11 +250,12 @@ def build_module(cfg: DictConfig, datamodule, training: bool = True) -> FlowModu
         data_moments=datamodule.data_moments,
         nan_policy=str(cfg.get("nan_policy", "stop")),
     )
-    if training and cfg.coupling.name == "reflow" and cfg.coupling.get("init_from_teacher", True):
-        from flowdiff.checkpointing import check_weights_fit, read_checkpoint
+    teacher = getattr(datamodule, "teacher", None)  # a reflow run's, loaded by build_datamodule
+    if teacher is not None and cfg.coupling.get("init_from_teacher", True):
+        from flowdiff.checkpointing import check_weights_fit
 
-        teacher = read_checkpoint(cfg.coupling.teacher, "coupling.teacher")
-        check_weights_fit(module, teacher, cfg.coupling.teacher, "coupling.teacher")  # the same net.* settings
-        module.load_state_dict(teacher["state_dict"])  # the teacher's EMA weights, when it had EMA
+        weights = {"state_dict": teacher.state_dict()}  # the teacher's EMA weights, when it had EMA
+        check_weights_fit(module, weights, cfg.coupling.teacher, "coupling.teacher")  # the same net.* settings
+        module.load_state_dict(weights["state_dict"])
     module.run_config = plain_dict(cfg)
     return module

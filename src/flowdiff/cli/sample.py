@@ -34,7 +34,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compil
     train_cfg = OmegaConf.create(ckpt["flowdiff_config"])
     train_cfg.compile = compile
     datamodule = build_datamodule(train_cfg, training=False)  # a reflow student samples without its teacher
-    module = build_module(train_cfg, datamodule, training=False)
+    module = build_module(train_cfg, datamodule)
     check_weights_fit(module, ckpt, path, "ckpt")
     module.load_state_dict(ckpt["state_dict"])  # EMA weights when EMA was on (Lightning stores the average)
     return module.to(device).eval(), datamodule, train_cfg

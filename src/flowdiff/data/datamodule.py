@@ -25,10 +25,10 @@ class _FreshBatches(IterableDataset):
     """``steps_per_epoch`` batches per epoch, each drawn in one vectorised call (no per-point Python loop).
 
     Batch ``k`` of the run is drawn from ``batch_seed(seed, rank, k)``; an epoch starts at the first batch not yet
-    trained on (``ToyDataModule.batches_trained``, restored from a checkpoint), so a resumed run sees exactly the
+    trained on (``FreshBatchStream.batches_trained``, restored from a checkpoint), so a resumed run sees exactly the
     batches an uninterrupted one would, although Lightning fetches one batch ahead."""
 
-    def __init__(self, dm: ToyDataModule) -> None:
+    def __init__(self, dm: FreshBatchStream) -> None:
         self.dm = dm
 
     def __len__(self) -> int:
@@ -44,7 +44,8 @@ class _FreshBatches(IterableDataset):
 
 class _ResumableLoader(DataLoader):
     """Tells Lightning that the stream resumes exactly (no warning on a mid-epoch resume): its position lives in
-    ``ToyDataModule.state_dict``, which counts trained batches where a loader's own state would count fetched ones."""
+    ``FreshBatchStream.state_dict``, which counts trained batches where a loader's own state would count fetched
+    ones."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -53,7 +54,47 @@ class _ResumableLoader(DataLoader):
         pass
 
 
-class ToyDataModule(L.LightningDataModule):
+class FreshBatchStream(L.LightningDataModule):
+    """A datamodule whose training batches are drawn, not read: ``draw(batch_size, generator)`` (a subclass's) on
+    the counter-based stream of :class:`_FreshBatches`, ``steps_per_epoch`` per epoch. Its position (batches trained
+    on, the same on every DDP rank) is what checkpoints store, so resumes are exact."""
+
+    batch_size: int
+    steps_per_epoch: int
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self.rank = 0
+        self.batches_drawn = 0  # training batches drawn so far (Lightning draws one ahead of training)
+        self.batches_trained = 0  # ... and handed to a training step (what a checkpoint stores)
+
+    def draw(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        # under DDP every rank draws its own training batches (the fixed validation sets stay shared)
+        self.rank = self.trainer.global_rank if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        # every loader has its own generator: a DataLoader draws a base seed each time it is iterated, which would
+        # otherwise come from (and shift) the global stream that training noise is drawn from
+        return _ResumableLoader(_FreshBatches(self), batch_size=None, num_workers=0, generator=torch.Generator())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self.batches_trained += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the training stream (the same on every rank), saved in checkpoints by Lightning."""
+        return {"batches_trained": self.batches_trained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_trained = int(state.get("batches_trained", 0))
+
+
+class ToyDataModule(FreshBatchStream):
     """Target ``name`` (a key of ``TOYS``), optional non-Gaussian ``source`` for data-to-data flows.
 
     Batches are dicts: ``x1`` (data, ``(B, 2)``), ``y`` (labels ``(B,)``) and, for a non-Gaussian
@@ -74,35 +115,16 @@ class ToyDataModule(L.LightningDataModule):
         n_test: int = 2000,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         self.name = name
         self.target: Toy = build_toy(name, **(params or {}))
         self.source_name = source
         self.source: Toy | None = None if source == "gaussian" else build_toy(source, **(source_params or {}))
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
-        self.n_val, self.n_test, self.seed = n_val, n_test, seed
-        self.rank = 0
-        self.batches_drawn = 0  # training batches drawn so far (Lightning draws one ahead of training)
-        self.batches_trained = 0  # ... and handed to a training step (what a checkpoint stores)
+        self.n_val, self.n_test = n_val, n_test
         self.val_set = self.draw(n_val, torch.Generator().manual_seed(seed + 1_000_003))
         self.test_set = self.draw(n_test, torch.Generator().manual_seed(seed + 2_000_003))
-
-    def setup(self, stage: str | None = None) -> None:
-        # under DDP every rank draws its own training batches (the fixed val/test sets stay shared)
-        self.rank = self.trainer.global_rank if self.trainer is not None else 0
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self.batches_trained += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The position in the training stream (the same on every rank), saved in checkpoints by Lightning."""
-        return {"batches_trained": self.batches_trained}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches_trained = int(state.get("batches_trained", 0))
 
     @property
     def dim(self) -> int:
@@ -137,11 +159,6 @@ class ToyDataModule(L.LightningDataModule):
         if self.source is None:
             return torch.randn(n, self.dim, generator=generator)
         return self.source.sample(n, generator)[0]
-
-    def train_dataloader(self) -> DataLoader:
-        # every loader has its own generator: a DataLoader draws a base seed each time it is iterated, which would
-        # otherwise come from (and shift) the global stream that training noise is drawn from
-        return _ResumableLoader(_FreshBatches(self), batch_size=None, num_workers=0, generator=torch.Generator())
 
     def _fixed(self, data: dict[str, Tensor]) -> DataLoader:
         n = len(data["x1"])

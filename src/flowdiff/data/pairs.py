@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
-from flowdiff.data.datamodule import _FreshBatches, _ResumableLoader
+from flowdiff.data.datamodule import FreshBatchStream
 
 
-class PairsDataModule(L.LightningDataModule):
+class PairsDataModule(FreshBatchStream):
     """Wraps the run's datamodule ``base``: training batches ``{"x1", "x0", "y"}`` are rows of the pairs that
     ``make_pairs()`` returns (called once, when training starts: sampling a trained model never needs them), drawn
     at random as a counter-based stream (exact resume, as for the 2D toys); validation, reference sets, shapes,
@@ -25,16 +24,15 @@ class PairsDataModule(L.LightningDataModule):
         batch_size: int,
         steps_per_epoch: int | None = None,
         seed: int = 0,
+        teacher=None,
     ) -> None:
-        super().__init__()
-        self.base = base
+        self.base = base  # first: attribute lookups fall through to it
+        super().__init__(seed)
+        self.teacher = teacher  # the model whose samples the pairs are (its weights start the student)
         self._make_pairs = make_pairs
         self.pairs: dict[str, Tensor] | None = None
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size = batch_size
         self._steps_per_epoch = steps_per_epoch
-        self.rank = 0
-        self.batches_drawn = 0
-        self.batches_trained = 0
 
     def __getattr__(self, name: str) -> Any:  # the data's own properties: kind, name, data_shape, val_set, ...
         if name == "base" or name.startswith("__"):
@@ -50,7 +48,7 @@ class PairsDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self.base, "setup"):
             self.base.setup(stage)
-        self.rank = self.trainer.global_rank if self.trainer is not None else 0
+        super().setup(stage)
         if self.pairs is None and stage in (None, "fit"):
             self.pairs = self._make_pairs()
 
@@ -61,18 +59,7 @@ class PairsDataModule(L.LightningDataModule):
     def train_dataloader(self):
         if self.pairs is None:
             self.pairs = self._make_pairs()
-        return _ResumableLoader(_FreshBatches(self), batch_size=None, num_workers=0, generator=torch.Generator())
+        return super().train_dataloader()
 
     def val_dataloader(self):
         return self.base.val_dataloader()
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self.batches_trained += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches_trained": self.batches_trained}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches_trained = int(state.get("batches_trained", 0))
