@@ -86,8 +86,8 @@ def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}={path} does not exist: pass the path of a .ckpt written by train.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # memory-mapped: checking a checkpoint before Lightning resumes from it does not read it all a second time
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # truncated or not a torch file: pickle, zip and EOF errors alike
         raise ConfigError(
             f"{key}={path} cannot be read ({type(err).__name__}): it is truncated or not a checkpoint; "
