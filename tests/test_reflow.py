@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from flowdiff.cli.build import build_datamodule, build_module
+from flowdiff.cli.build import build_datamodule, build_module, load_teacher
 from flowdiff.cli.sample import load_checkpoint
 from flowdiff.cli.train import train
 from flowdiff.errors import ConfigError
@@ -24,8 +24,8 @@ def _reflow(teacher, tmp_path, *extra):
         *FAST,
         "data=moons",
         "callbacks.plot=null",
-        "coupling=reflow",
-        f"coupling.teacher={teacher}",
+        "stage=reflow",
+        f"teacher={teacher}",
         "coupling.n_pairs=300",
         "coupling.sampler.name=heun",
         "+coupling.sampler.steps=20",
@@ -39,23 +39,25 @@ def test_reflow_pairs_are_the_teachers_samples_made_once(teacher, tmp_path):
     run reuses the file; training batches are rows of the pairs; the student starts from the teacher's weights and
     samples without it."""
     cfg = compose_cfg(_reflow(teacher, tmp_path), tmp_path / "a")
-    dm = build_datamodule(cfg)
+    dm = build_datamodule(cfg, load_teacher(cfg))
     dm.setup("fit")
-    stored = list((tmp_path / "pairs").glob("pairs-*.pt"))
-    assert len(stored) == 1 and len(dm.pairs["x0"]) == 300
+    stored = list((tmp_path / "pairs").glob("trajectories-*.pt"))
+    x0, x1 = dm.pairs["xs"][:, 0], dm.pairs["xs"][:, -1]
+    assert len(stored) == 1 and len(x0) == 300
     module, _, _ = load_checkpoint(teacher)
     from flowdiff.samplers import build_sampler
 
-    again = module.sample(300, sampler=build_sampler("heun", steps=20), x0=dm.pairs["x0"]).x
-    assert torch.equal(again, dm.pairs["x1"])
+    again = module.sample(300, sampler=build_sampler("heun", steps=20), x0=x0).x
+    assert torch.equal(again, x1)
     made = stored[0].stat().st_mtime_ns
-    dm2 = build_datamodule(compose_cfg(_reflow(teacher, tmp_path), tmp_path / "b"))
+    cfg2 = compose_cfg(_reflow(teacher, tmp_path), tmp_path / "b")
+    dm2 = build_datamodule(cfg2, load_teacher(cfg2))
     dm2.setup("fit")
-    assert stored[0].stat().st_mtime_ns == made and torch.equal(dm2.pairs["x1"], dm.pairs["x1"])
+    assert stored[0].stat().st_mtime_ns == made and torch.equal(dm2.pairs["xs"], dm.pairs["xs"])
     batch = next(iter(dm.train_dataloader()))
-    rows = {tuple(r) for r in torch.cat([dm.pairs["x0"], dm.pairs["x1"]], 1).tolist()}
+    rows = {tuple(r) for r in torch.cat([x0, x1], 1).tolist()}
     assert all(tuple(r) in rows for r in torch.cat([batch["x0"], batch["x1"]], 1).tolist())
-    student = build_module(cfg, dm)
+    student = build_module(cfg, dm, load_teacher(cfg))
     assert repr(student.coupling) == "ReflowCoupling()"
     assert torch.equal(student.state_dict()["net.body.0.weight"], module.state_dict()["net.body.0.weight"])
     # trained, the student needs no teacher to sample
@@ -73,20 +75,22 @@ def test_reflow_pairs_are_the_teachers_samples_made_once(teacher, tmp_path):
     [
         (["objective=score"], r"coupling=reflow pairs each noise with the teacher's sample .* use objective=cfm"),
         (["sampler=euler_maruyama"], r"sampler=euler_maruyama needs the score, which coupling=reflow does not define"),
-        (["data=8gaussians"], r"coupling=reflow: the teacher was trained on data=moons \(2,\), this run is on data=8g"),
-        (["net.width=32"], r"coupling.teacher=.*: its weights do not fit the network the config builds"),
+        (["data=8gaussians"], r"stage=reflow: the teacher was trained on data=moons \(2,\), this run is on data=8g"),
+        (["net.width=32"], r"teacher=.*: its weights do not fit the network the config builds"),
+        (["objective=data"], r"stage=reflow: the teacher predicts velocity, this run data, .*init_from_teacher=false"),
     ],
 )
 def test_reflow_refuses_what_cannot_work_in_one_sentence(teacher, tmp_path, extra, message):
     cfg = compose_cfg(_reflow(teacher, tmp_path, *extra), tmp_path / "r")
     with pytest.raises(ConfigError, match=message):
-        build_module(cfg, build_datamodule(cfg))
+        t = load_teacher(cfg)
+        build_module(cfg, build_datamodule(cfg, t), t)
 
 
 def test_a_missing_teacher_is_one_sentence(tmp_path):
     cfg = compose_cfg(_reflow(tmp_path / "nowhere.ckpt", tmp_path), tmp_path / "r")
-    with pytest.raises(ConfigError, match=r"coupling.teacher: ckpt=.*nowhere.ckpt does not exist"):
-        build_datamodule(cfg)
+    with pytest.raises(ConfigError, match=r"teacher: ckpt=.*nowhere.ckpt does not exist"):
+        load_teacher(cfg)
 
 
 @pytest.mark.slow
@@ -98,7 +102,7 @@ def test_two_rectified_flow_is_straighter_and_good_in_one_step(tmp_path):
     long += ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
     teacher_metrics = train(compose_cfg(long, tmp_path / "teacher"))
     ckpt = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
-    reflow = ["coupling=reflow", f"coupling.teacher={ckpt}", "coupling.n_pairs=10000", f"log_root={tmp_path}"]
+    reflow = ["stage=reflow", f"teacher={ckpt}", "coupling.n_pairs=10000", f"log_root={tmp_path}"]
     train(compose_cfg([*long, *reflow], tmp_path / "student"))
     from flowdiff.metrics import w2
     from flowdiff.samplers import build_sampler

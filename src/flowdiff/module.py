@@ -213,7 +213,7 @@ class FlowModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
+        opt = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
@@ -350,7 +350,7 @@ class FlowModule(L.LightningModule):
             noise_gen = None
             if generator is not None and self.device.type != "cpu":
                 noise_gen = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
-            t_span = self.objective.sample_time_range(self.path, stochastic=sampler.stochastic, dtype=x0.dtype)
+            t_span = self.objective.sample_time_range(self.path, dtype=x0.dtype, fields=sampler.fields)
             x0 = self._start_at(x0, float(sampler.grid(x0, t_span)[0]))
             return sampler.sample(
                 fields.velocity,

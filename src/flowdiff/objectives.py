@@ -94,14 +94,15 @@ class Objective:
         return path.time_range(targets=[self.prediction], margins=self.train_margin, dtype=dtype)
 
     def sample_time_range(
-        self, path, stochastic: bool = False, dtype: torch.dtype = torch.float32
+        self, path, stochastic: bool = False, dtype: torch.dtype = torch.float32, fields: tuple[str, ...] | None = None
     ) -> tuple[float, float]:
-        """Times a sampler integrates over: where the conversion to velocity (and to score for SDEs) is finite.
+        """Times a sampler integrates over: where the conversions of the prediction into the ``fields`` the sampler
+        uses are finite (velocity; and the score for SDEs, ``stochastic``; a consistency sampler uses the data).
 
         Where this ends before t = 1 the sampler's last step is the data prediction (:meth:`to_data`).
         """
-        conversions = [(self.prediction, "velocity")] + ([(self.prediction, "score")] if stochastic else [])
-        return path.time_range(conversions, margins=self.sample_margins, dtype=dtype)
+        fields = fields or (("velocity", "score") if stochastic else ("velocity",))
+        return path.time_range([(self.prediction, f) for f in fields], margins=self.sample_margins, dtype=dtype)
 
     def target(self, sample: PathSample) -> Tensor:
         return sample.target(self.prediction)

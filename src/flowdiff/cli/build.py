@@ -6,7 +6,7 @@ before any Lightning machinery starts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from hydra.errors import InstantiationException
@@ -21,8 +21,11 @@ from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.module import FlowModule
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianPath, NoisyInterpolantPath
-from flowdiff.reflow import ReflowCoupling, load_or_make_pairs
 from flowdiff.samplers import SAMPLERS, Sampler, build_sampler
+from flowdiff.stages.consistency import ConsistencyModule, consistency_problem
+from flowdiff.stages.distill import DistillationModule
+from flowdiff.stages.reflow import ReflowCoupling
+from flowdiff.stages.trajectories import load_or_make_trajectories
 
 
 def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
@@ -31,10 +34,52 @@ def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
     return dict(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-def build_datamodule(cfg: DictConfig, training: bool = True):
-    """``cfg.data``; unreadable or missing data is one sentence (:class:`ConfigError`). With ``coupling=reflow``
-    and ``training``, the training batches are the teacher's pairs (:class:`PairsDataModule`, drawn when training
-    starts); a trained student samples without its teacher (``training=False``)."""
+class Teacher(NamedTuple):
+    """The trained model a stage starts from: its checkpoint ``path``, the rebuilt ``module``, its data and config."""
+
+    path: str
+    module: FlowModule
+    datamodule: Any
+    cfg: DictConfig
+
+
+def stage_name(cfg: DictConfig) -> str:
+    """``train``, ``reflow``, ``distill`` or ``consistency`` (``coupling=reflow`` alone is the reflow stage)."""
+    name = OmegaConf.select(cfg, "stage.name", default="train")
+    return "reflow" if cfg.coupling.name == "reflow" else name
+
+
+def load_teacher(cfg: DictConfig) -> Teacher | None:
+    """The teacher of a stage (``teacher=<ckpt>``), or ``None`` for ``stage=train`` and consistency training. A
+    missing or foreign file, or a teacher the stage needs but lacks, is one sentence."""
+    stage = stage_name(cfg)
+    path = OmegaConf.select(cfg, "teacher", default=None)
+    if stage == "reflow":
+        path = cfg.coupling.get("teacher") or path
+    if stage == "train":
+        if path is not None:
+            raise ConfigError(
+                f"teacher={path} is set but stage=train does not use one: add stage=reflow, stage=distill or "
+                "stage=consistency, or drop teacher"
+            )
+        return None
+    if path is None:
+        if stage == "consistency":
+            return None  # consistency training, from data
+        raise ConfigError(f"stage={stage} needs teacher=<a checkpoint written by train.py>")
+    from flowdiff.cli.sample import load_checkpoint  # sample.py's reader: one sentence for a bad file
+
+    try:
+        module, datamodule, teacher_cfg = load_checkpoint(path)
+    except ConfigError as err:
+        raise ConfigError(f"teacher: {err}") from None
+    return Teacher(str(path), module, datamodule, teacher_cfg)
+
+
+def build_datamodule(cfg: DictConfig, teacher: Teacher | None = None):
+    """``cfg.data``; unreadable or missing data is one sentence (:class:`ConfigError`). With a ``teacher`` and
+    ``stage=reflow`` or ``stage=distill``, the training batches are the teacher's trajectories
+    (:class:`PairsDataModule`, drawn when training starts); without one (a trained student sampling) it is the data."""
     try:
         datamodule = instantiate(cfg.data)
     except InstantiationException as err:
@@ -42,42 +87,76 @@ def build_datamodule(cfg: DictConfig, training: bool = True):
         if isinstance(cause, DataError):
             raise ConfigError(str(cause)) from None
         raise
-    if cfg.coupling.name != "reflow" or not training:
+    stage = stage_name(cfg)
+    if teacher is None or stage not in ("reflow", "distill"):
         return datamodule
-    rc = cfg.coupling
-    teacher, teacher_dm, _ = load_teacher(rc.teacher)  # a missing or foreign teacher, or other data: one sentence now
+    check_teacher(cfg, datamodule, teacher)
+    if stage == "reflow":
+        settings, steps = cfg.coupling, 1
+        sampler_cfg = settings.sampler
+    else:
+        settings, steps = cfg.distill, int(cfg.distill.steps)
+        sampler_cfg = _teacher_sampler(cfg, teacher) if settings.get("progressive") else settings.sampler
 
-    def make_pairs():
-        sampler = build_sampler_from(rc.sampler, teacher.path)
-        pairs, _ = load_or_make_pairs(
-            rc.teacher,
-            teacher,
-            sampler,
-            plain_dict(rc.sampler),
-            int(rc.n_pairs),
-            rc.cache_dir,
-            int(rc.get("batch_size", 5000)),
-            int(cfg.seed),
-        )
-        return pairs
+    def make_trajectories():
+        sampler = build_sampler_from(sampler_cfg, teacher.module.path)
+        try:
+            trajectories, _ = load_or_make_trajectories(
+                teacher.path,
+                teacher.module,
+                sampler,
+                plain_dict(sampler_cfg),
+                int(settings.n_pairs),
+                settings.cache_dir,
+                steps,
+                int(settings.get("batch_size", 5000)),
+                int(cfg.seed),
+            )
+        except ValueError as err:
+            raise ConfigError(f"stage={stage}: {err}") from None
+        return trajectories
 
-    if (teacher_dm.name, tuple(teacher_dm.data_shape)) != (datamodule.name, tuple(datamodule.data_shape)):
+    steps_per_epoch = getattr(datamodule, "steps_per_epoch", None)
+    return PairsDataModule(datamodule, make_trajectories, int(cfg.data.batch_size), steps_per_epoch, int(cfg.seed))
+
+
+def _teacher_sampler(cfg: DictConfig, teacher: Teacher) -> DictConfig:
+    """``distill.progressive``: the teacher's own sampler, which must take twice the student's steps."""
+    own = teacher.cfg.sampler
+    steps = int(cfg.distill.steps)
+    if own.name == "dopri5" or int(own.get("steps") or 0) != 2 * steps:
         raise ConfigError(
-            f"coupling=reflow: the teacher was trained on data={teacher_dm.name} {tuple(teacher_dm.data_shape)}, "
-            f"this run is on data={datamodule.name} {tuple(datamodule.data_shape)}: use the teacher's data"
+            f"distill.progressive=true halves the teacher's steps, but its sampler is {own.name} with "
+            f"{own.get('steps')} steps: give it a teacher sampled in {2 * steps} fixed steps (a distilled student), "
+            "or set distill.progressive=false"
         )
-    steps = getattr(datamodule, "steps_per_epoch", None)
-    return PairsDataModule(datamodule, make_pairs, int(cfg.data.batch_size), steps, int(cfg.seed), teacher)
+    return own
 
 
-def load_teacher(path: str):
-    """The teacher of a reflow run: ``(module, datamodule, config)`` from its checkpoint."""
-    from flowdiff.cli.sample import load_checkpoint  # sample.py's reader: one sentence for a bad file
-
-    try:
-        return load_checkpoint(path)
-    except ConfigError as err:
-        raise ConfigError(f"coupling.teacher: {err}") from None
+def check_teacher(cfg: DictConfig, datamodule, teacher: Teacher) -> None:
+    """A teacher must have been trained on this run's data, with labels exactly when this run has them."""
+    stage = stage_name(cfg)
+    ours = (datamodule.name, tuple(datamodule.data_shape))
+    theirs = (teacher.datamodule.name, tuple(teacher.datamodule.data_shape))
+    if ours != theirs:
+        raise ConfigError(
+            f"stage={stage}: the teacher was trained on data={theirs[0]} {theirs[1]}, this run is on "
+            f"data={ours[0]} {ours[1]}: use the teacher's data"
+        )
+    guided, teacher_guided = cfg.guidance.name != "none", teacher.module.guidance is not None
+    if guided != teacher_guided:
+        raise ConfigError(
+            f"stage={stage}: the teacher was trained with guidance={'cfg' if teacher_guided else 'none'}, this run "
+            f"with guidance={cfg.guidance.name}: use the teacher's"
+        )
+    if stage == "consistency":
+        lo, _ = teacher.module.objective.sample_time_range(teacher.module.path)
+        if lo > 0:
+            raise ConfigError(
+                f"stage=consistency: the teacher's velocity is not finite at t = 0 (its objective "
+                f"{teacher.module.objective.prediction} is sampled from t = {lo:.3g}), where distillation starts: "
+                "use a cfm or data teacher, or teacher=null for consistency training"
+            )
 
 
 def build_path(cfg: DictConfig, gaussian_source: bool):
@@ -180,10 +259,16 @@ def validate(cfg: DictConfig, datamodule) -> None:
         raise ConfigError(
             f"objective={objective} needs a Gaussian source with path.sigma=0, but {why}: use objective=cfm"
         )
-    if not gaussian and sampler in ("ddim", "euler_maruyama"):
+    if not gaussian and sampler in ("ddim", "euler_maruyama", "consistency"):
         raise ConfigError(
-            f"sampler={sampler} needs a Gaussian path (a score), but the source is not Gaussian or path.sigma > 0: "
-            "use an ODE sampler such as sampler=euler"
+            f"sampler={sampler} needs a Gaussian path (a score or data prediction), but the source is not Gaussian "
+            "or path.sigma > 0: use an ODE sampler such as sampler=euler"
+        )
+    stage = stage_name(cfg)
+    if stage == "distill" and (objective not in ("cfm", "data") or sampler != "euler"):
+        raise ConfigError(
+            f"stage=distill trains Euler steps of a velocity from t = 0, which objective={objective} with "
+            f"sampler={sampler} does not give: use objective=cfm (or data) and sampler=euler"
         )
     needs_score = sampler == "euler_maruyama" or (sampler == "ddim" and float(cfg.sampler.get("eta") or 0) > 0)
     if cfg.coupling.name == "reflow" and objective not in ("cfm", "data"):
@@ -217,12 +302,16 @@ def build_net(cfg: DictConfig, data_shape: tuple[int, ...], num_classes: int) ->
         raise
 
 
-def build_module(cfg: DictConfig, datamodule) -> FlowModule:
-    """The :class:`FlowModule` for ``cfg`` (validated first); the network's sizes come from the data. A reflow run
-    being trained (its datamodule holds the teacher) starts from the teacher's weights
-    (``coupling.init_from_teacher``)."""
+def build_module(cfg: DictConfig, datamodule, teacher: Teacher | None = None) -> FlowModule:
+    """The module for ``cfg`` (validated first; a :class:`DistillationModule` or :class:`ConsistencyModule` for those
+    stages); the network's sizes come from the data. A stage being trained with a ``teacher`` starts from its weights
+    (``init_from_teacher``); consistency distillation also steps the teacher's ODE in its loss."""
     validate(cfg, datamodule)
+    stage = stage_name(cfg)
+    if teacher is not None:
+        check_teacher(cfg, datamodule, teacher)
     path = build_path(cfg, datamodule.gaussian_source)
+    objective = build_objective(cfg)
     conditional = cfg.guidance.name != "none"
     net = build_net(cfg, datamodule.data_shape, datamodule.num_classes if conditional else 0)
     guidance = build_guidance(cfg, net)
@@ -233,29 +322,53 @@ def build_module(cfg: DictConfig, datamodule) -> FlowModule:
         def source(n, generator=None):
             return toy.sample(n, generator)[0]
 
-    module = FlowModule(
-        net=net,
-        path=path,
-        objective=build_objective(cfg),
-        data_shape=datamodule.data_shape,
-        coupling=build_coupling(cfg),
-        guidance=guidance,
-        sampler=build_sampler_from(cfg.sampler, path),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        source=source,
-        compile=bool(cfg.get("compile", False)),
-        channels_last=bool(cfg.get("channels_last", False)),
-        autocast_dtype=torch.bfloat16 if str(cfg.trainer.get("precision", "")).startswith("bf16") else None,
-        data_moments=datamodule.data_moments,
-        nan_policy=str(cfg.get("nan_policy", "stop")),
-    )
-    teacher = getattr(datamodule, "teacher", None)  # a reflow run's, loaded by build_datamodule
-    if teacher is not None and cfg.coupling.get("init_from_teacher", True):
+    cls, settings, extra = FlowModule, cfg.coupling, {}
+    if stage == "distill":
+        cls, settings = DistillationModule, cfg.distill
+        extra = {"loss": cfg.distill.loss}
+    elif stage == "consistency":
+        problem = consistency_problem(path, objective)
+        if problem is not None:
+            raise ConfigError(
+                f"stage=consistency cannot use objective={cfg.objective.name}: {problem}; use objective=cfm"
+            )
+        cls, settings = ConsistencyModule, cfg.consistency
+        keys = ("intervals", "target_decay", "s0", "s1", "mu0", "loss", "teacher_solver")
+        extra = {k: settings[k] for k in keys} | {"teacher": teacher.module if teacher is not None else None}
+    try:
+        module = cls(
+            net=net,
+            path=path,
+            objective=objective,
+            data_shape=datamodule.data_shape,
+            coupling=build_coupling(cfg),
+            guidance=guidance,
+            sampler=build_sampler_from(cfg.sampler, path),
+            optimizer=instantiate(cfg.optimizer),
+            scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+            source=source,
+            compile=bool(cfg.get("compile", False)),
+            channels_last=bool(cfg.get("channels_last", False)),
+            autocast_dtype=torch.bfloat16 if str(cfg.trainer.get("precision", "")).startswith("bf16") else None,
+            data_moments=datamodule.data_moments,
+            nan_policy=str(cfg.get("nan_policy", "stop")),
+            **extra,
+        )
+    except ValueError as err:  # a stage setting out of range
+        raise ConfigError(str(err)) from None
+    if teacher is not None and settings.get("init_from_teacher", True):
         from flowdiff.checkpointing import check_weights_fit
 
-        weights = {"state_dict": teacher.state_dict()}  # the teacher's EMA weights, when it had EMA
-        check_weights_fit(module, weights, cfg.coupling.teacher, "coupling.teacher")  # the same net.* settings
-        module.load_state_dict(weights["state_dict"])
+        weights = teacher.module.net.state_dict()  # the teacher's EMA weights, when it had EMA
+        check_weights_fit(module.net, {"state_dict": weights}, teacher.path, "teacher")  # the same net.* settings
+        if objective.prediction != teacher.module.objective.prediction:
+            raise ConfigError(
+                f"stage={stage}: the teacher predicts {teacher.module.objective.prediction}, this run "
+                f"{objective.prediction}, so its weights are no start: use the teacher's objective, or "
+                f"{'coupling' if stage == 'reflow' else stage}.init_from_teacher=false"
+            )
+        module.net.load_state_dict(weights)
+        if isinstance(module, ConsistencyModule):
+            module.target_net.load_state_dict(weights)
     module.run_config = plain_dict(cfg)
     return module

@@ -33,7 +33,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compil
     ckpt = read_checkpoint(path, "ckpt")
     train_cfg = OmegaConf.create(ckpt["flowdiff_config"])
     train_cfg.compile = compile
-    datamodule = build_datamodule(train_cfg, training=False)  # a reflow student samples without its teacher
+    datamodule = build_datamodule(train_cfg)  # a student of a stage samples without its teacher
     module = build_module(train_cfg, datamodule)
     check_weights_fit(module, ckpt, path, "ckpt")
     module.load_state_dict(ckpt["state_dict"])  # EMA weights when EMA was on (Lightning stores the average)

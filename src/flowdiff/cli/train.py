@@ -30,7 +30,7 @@ from flowdiff.callbacks import (
 )
 from flowdiff.checkpointing import AtomicCheckpointIO, check_weights_fit, read_checkpoint, resume_path
 from flowdiff.cli import device_count
-from flowdiff.cli.build import build_datamodule, build_module
+from flowdiff.cli.build import build_datamodule, build_module, load_teacher
 from flowdiff.errors import ConfigError, NonFiniteLoss, TrainingInterrupted
 from flowdiff.metrics.images import fid_report
 from flowdiff.sweeps import JOB_RECORD
@@ -106,8 +106,9 @@ def fit(cfg: DictConfig):
         )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = resume_path(cfg)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
+    teacher = load_teacher(cfg)  # stages: the trained model they start from (a bad file: one sentence, now)
+    datamodule = build_datamodule(cfg, teacher)
+    module = build_module(cfg, datamodule, teacher)
     if ckpt_path is not None:  # a missing, truncated, foreign or mismatched file: one sentence, before Lightning
         check_weights_fit(module, read_checkpoint(ckpt_path, "ckpt_path"), ckpt_path, "ckpt_path")
     callbacks = build_callbacks(cfg, datamodule.kind)

@@ -1,4 +1,5 @@
-"""Training on stored pairs ``(x0, x1, y)`` (reflow): batches drawn from the pairs, everything else from the data."""
+"""Training on a teacher's stored trajectories (reflow, distillation): batches drawn from them, everything else from
+the data."""
 
 from __future__ import annotations
 
@@ -12,24 +13,23 @@ from flowdiff.data.datamodule import FreshBatchStream
 
 
 class PairsDataModule(FreshBatchStream):
-    """Wraps the run's datamodule ``base``: training batches ``{"x1", "x0", "y"}`` are rows of the pairs that
-    ``make_pairs()`` returns (called once, when training starts: sampling a trained model never needs them), drawn
-    at random as a counter-based stream (exact resume, as for the 2D toys); validation, reference sets, shapes,
-    labels and moments are ``base``'s, so metrics compare with the real data."""
+    """Wraps the run's datamodule ``base``: training batches are rows of the trajectories ``{"xs": (n, k + 1, ...),
+    "times": (k + 1,), "y"}`` that ``make_trajectories()`` returns (called once, when training starts: sampling a
+    trained model never needs them), drawn at random as a counter-based stream (exact resume, as for the 2D toys),
+    as ``{"x0": noise, "x1": the teacher's sample, "xs", "times": (B, k + 1), "y"}``. Validation, reference sets,
+    shapes, labels and moments are ``base``'s, so metrics compare with the real data."""
 
     def __init__(
         self,
         base,
-        make_pairs: Callable[[], dict[str, Tensor]],
+        make_trajectories: Callable[[], dict[str, Tensor]],
         batch_size: int,
         steps_per_epoch: int | None = None,
         seed: int = 0,
-        teacher=None,
     ) -> None:
         self.base = base  # first: attribute lookups fall through to it
         super().__init__(seed)
-        self.teacher = teacher  # the model whose samples the pairs are (its weights start the student)
-        self._make_pairs = make_pairs
+        self._make_pairs = make_trajectories
         self.pairs: dict[str, Tensor] | None = None
         self.batch_size = batch_size
         self._steps_per_epoch = steps_per_epoch
@@ -40,10 +40,14 @@ class PairsDataModule(FreshBatchStream):
         return getattr(self.base, name)
 
     @property
+    def name(self) -> str:  # LightningDataModule has a class attribute of this name: __getattr__ never sees it
+        return self.base.name
+
+    @property
     def steps_per_epoch(self) -> int:
         if self._steps_per_epoch:
             return self._steps_per_epoch
-        return max(1, len(self.pairs["x1"]) // self.batch_size) if self.pairs is not None else 1
+        return max(1, len(self.pairs["xs"]) // self.batch_size) if self.pairs is not None else 1
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self.base, "setup"):
@@ -53,8 +57,10 @@ class PairsDataModule(FreshBatchStream):
             self.pairs = self._make_pairs()
 
     def draw(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        idx = torch.randint(len(self.pairs["x1"]), (n,), generator=generator)
-        return {k: v[idx] for k, v in self.pairs.items()}
+        idx = torch.randint(len(self.pairs["xs"]), (n,), generator=generator)
+        xs = self.pairs["xs"][idx]
+        times = self.pairs["times"].expand(n, -1)
+        return {"x0": xs[:, 0], "x1": xs[:, -1], "xs": xs, "times": times, "y": self.pairs["y"][idx]}
 
     def train_dataloader(self):
         if self.pairs is None:

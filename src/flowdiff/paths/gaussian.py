@@ -115,23 +115,31 @@ class GaussianPath:
         return s.alpha * mean + torch.sqrt(s.beta**2 + s.alpha**2 * var) * eps
 
     def convert(self, prediction: Tensor, src: str, dst: str, x_t: Tensor, t: Tensor) -> Tensor:
-        """Turn a ``src`` prediction at ``(x_t, t)`` into the ``dst`` one by exact algebra on the path.
+        """Turn a ``src`` prediction at ``(x_t, t)`` into the ``dst`` one by exact algebra on the path:
+        ``c_x x_t + c_p prediction`` with the coefficients of :meth:`conversion_coefficients`."""
+        if src == dst:
+            _check(src)
+            return prediction
+        c_x, c_p = self.conversion_coefficients(src, dst, t, x_t)
+        return c_x * x_t + c_p * prediction
 
-        Solves ``[alpha beta; a b] [z; eps] = [x_t; prediction]`` and returns ``a' z + b' eps``.
-        Singular where ``det`` or ``beta`` (for dst = score) vanishes; :meth:`time_range` finds where.
+    def conversion_coefficients(self, src: str, dst: str, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(c_x, c_p)``, broadcast against ``like``, such that ``dst = c_x x_t + c_p src`` on this path.
+
+        Solves ``[alpha beta; a b] [z; eps] = [x_t; prediction]`` for the quantity ``src = a z + b eps`` and
+        returns the coefficients of ``dst = a' z + b' eps``. Singular where ``det = alpha b - beta a`` (or
+        ``beta``, for dst = score) vanishes; :meth:`time_range` finds where. For ``dst = data`` at t = 1 they are
+        exactly ``(1, 0)`` whenever finite (``alpha_1 = 1, beta_1 = 0``): the boundary condition
+        ``f(x, 1) = x`` of a consistency function (:mod:`flowdiff.stages.consistency`).
         """
         _check(src)
         _check(dst)
-        if src == dst:
-            return prediction
-        sched = self._schedule(t, x_t)
+        sched = self._schedule(t, like)
         alpha, beta = sched[:2]
         a, b = self._coefficients(src, *sched)
         a2, b2 = self._coefficients(dst, *sched)
         det = alpha * b - beta * a
-        z = (b * x_t - beta * prediction) / det
-        eps = (alpha * prediction - a * x_t) / det
-        return a2 * z + b2 * eps
+        return (a2 * b - b2 * a) / det, (b2 * alpha - a2 * beta) / det
 
     def time_range(
         self,

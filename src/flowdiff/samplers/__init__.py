@@ -1,8 +1,10 @@
-"""Samplers: fixed-step and adaptive ODE solvers, DDIM/DDPM, Euler-Maruyama; see :func:`build_sampler`."""
+"""Samplers: fixed-step and adaptive ODE solvers, DDIM/DDPM, Euler-Maruyama, multistep consistency sampling; see
+:func:`build_sampler`."""
 
 from __future__ import annotations
 
 from flowdiff.samplers.base import Sampler, SampleResult, time_grid
+from flowdiff.samplers.consistency import ConsistencySampler
 from flowdiff.samplers.ddim import DDIMSampler
 from flowdiff.samplers.ode import Dopri5Sampler, EulerSampler, HeunSampler, MidpointSampler, RK4Sampler
 from flowdiff.samplers.sde import EulerMaruyamaSampler, simulate_sde
@@ -15,8 +17,9 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dopri5": Dopri5Sampler,
     "ddim": DDIMSampler,
     "euler_maruyama": EulerMaruyamaSampler,
+    "consistency": ConsistencySampler,
 }
-_NEEDS_PATH = (DDIMSampler, EulerMaruyamaSampler)
+_NEEDS_PATH = (DDIMSampler, EulerMaruyamaSampler, ConsistencySampler)
 
 
 def build_sampler(name: str, path=None, **kwargs) -> Sampler:
@@ -33,6 +36,7 @@ def build_sampler(name: str, path=None, **kwargs) -> Sampler:
 
 __all__ = [
     "SAMPLERS",
+    "ConsistencySampler",
     "DDIMSampler",
     "Dopri5Sampler",
     "EulerMaruyamaSampler",

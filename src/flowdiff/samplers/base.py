@@ -9,6 +9,7 @@ evaluation): the state at ``t_max < 1`` still carries noise of size ``beta_{t_ma
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,6 +72,8 @@ class Sampler:
 
     #: whether the sampler needs ``score_fn`` (SDE samplers)
     stochastic: bool = False
+    #: the fields it evaluates (the sampling span is where the model's prediction converts into them)
+    fields: tuple[str, ...] = ("velocity",)
 
     def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0, denoise: bool = True) -> None:
         if steps < 1:
@@ -83,6 +86,16 @@ class Sampler:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "path")
         return f"{type(self).__name__}({fields})"
+
+    def with_steps(self, steps: int) -> Sampler:
+        """This sampler with ``steps`` steps (an adaptive solver, whose steps are not its own, becomes Euler's)."""
+        if getattr(self, "adaptive", False):
+            from flowdiff.samplers.ode import EulerSampler
+
+            return EulerSampler(steps, self.t_min, self.t_max, self.denoise)
+        other = copy.copy(self)
+        other.steps = steps
+        return other
 
     def grid(self, x0: Tensor, t_span: tuple[float, float] = (0.0, 1.0)) -> Tensor:
         return time_grid(

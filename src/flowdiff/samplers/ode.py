@@ -45,6 +45,8 @@ class RK4Sampler(FixedStepSampler):
 class Dopri5Sampler(Sampler):
     """Adaptive Dormand-Prince 5(4) by ``torchdiffeq.odeint``; ``steps`` only sets the trajectory's output times."""
 
+    adaptive = True
+
     def __init__(
         self,
         rtol: float = 1e-5,

@@ -76,6 +76,7 @@ class EulerMaruyamaSampler(Sampler):
     """
 
     stochastic = True
+    fields = ("velocity", "score")
 
     def __init__(
         self,

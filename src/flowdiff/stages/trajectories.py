@@ -1,0 +1,111 @@
+"""A teacher's ODE trajectories on a coarse time grid, drawn once and stored: what reflow and distillation train on.
+
+A trained model maps each noise ``x0`` to a sample through its ODE. :func:`make_trajectories` keeps the states at
+``k + 1`` times ``t_0 = 0 < t_1 < ... < t_k = 1`` of that solve: ``k = 1`` gives the reflow pairs
+``(x0, Phi(x0))`` (Liu et al. 2023), ``k > 1`` the targets of a ``k``-step student (each student step from
+``x_{t_i}`` must land on the teacher's ``x_{t_{i+1}}``; with the teacher's own ``2k``-step sampler this is
+progressive distillation, Salimans & Ho 2022). :func:`load_or_make_trajectories` stores them under a key of
+everything that makes them, so repeated runs reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flowdiff.samplers import Dopri5Sampler, Sampler
+
+log = logging.getLogger("flowdiff")
+
+
+def _on_grid(sampler: Sampler, steps: int) -> Sampler:
+    """``sampler`` set to record ``steps`` intervals: an adaptive solver's output grid is free; a fixed-step
+    sampler's own grid must contain the coarse one (its steps a multiple of ``steps``)."""
+    if isinstance(sampler, Dopri5Sampler):
+        return Dopri5Sampler(sampler.rtol, sampler.atol, steps, sampler.t_min, sampler.t_max, sampler.denoise)
+    if sampler.steps % steps:
+        raise ValueError(
+            f"the teacher's sampler takes {sampler.steps} steps, not a multiple of the student's {steps}: "
+            "choose a multiple (or dopri5)"
+        )
+    return sampler
+
+
+@torch.no_grad()
+def make_trajectories(
+    teacher, n: int, sampler: Sampler, steps: int = 1, batch_size: int = 5000, seed: int = 0
+) -> dict[str, Tensor]:
+    """``{"xs": (n, steps + 1, *shape), "times": (steps + 1,), "y": (n,)}``: the teacher's states along its ODE
+    from ``n`` noises drawn from ``seed`` (``xs[:, 0]``), at ``steps + 1`` evenly spaced times of its sampling span;
+    ``xs[:, -1]`` is its sample (after the sampler's final denoising step, if any). A CFG teacher is conditioned on
+    balanced labels, at its trained guidance scale."""
+    sampler = _on_grid(sampler, steps)
+    g = torch.Generator().manual_seed(seed)
+    num_classes = teacher.guidance.null_label if teacher.guidance is not None else 0
+    xs, ys, times = [], [], None
+    for i in range(0, n, batch_size):
+        k = min(batch_size, n - i)
+        x0 = teacher.draw_source(k, g)
+        y = torch.arange(i, i + k) % num_classes if num_classes else None
+        out = teacher.sample(k, sampler=sampler, y=y, x0=x0, generator=g, return_trajectory=steps > 1)
+        if steps == 1:
+            states = [x0, out.x]
+            grid = out.times[[0, -1]]
+        else:
+            span = len(out.times) - 1 - int(out.denoised)  # the solver's own intervals
+            idx = [round(j * span / steps) for j in range(steps + 1)]
+            states = [out.trajectory[j] for j in idx[:-1]] + [out.x]
+            grid = out.times[idx]
+            grid[-1] = out.times[-1]
+        xs.append(torch.stack([s.cpu() for s in states], 1))
+        ys.append(y if y is not None else torch.zeros(k, dtype=torch.long))
+        times = grid.cpu()
+    return {"xs": torch.cat(xs), "times": times, "y": torch.cat(ys)}
+
+
+def trajectories_key(teacher_path: str | Path, sampler_cfg: dict, n: int, steps: int, seed: int) -> str:
+    """Names stored trajectories by what makes them: the teacher file (path, size, time), its sampler, n, the grid
+    and the seed."""
+    path = Path(teacher_path).resolve()
+    stat = path.stat()
+    what = [str(path), stat.st_size, stat.st_mtime_ns, sampler_cfg, n, steps, seed]
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def load_or_make_trajectories(
+    teacher_path: str | Path,
+    teacher,
+    sampler: Sampler,
+    sampler_cfg: dict,
+    n: int,
+    cache_dir: str | Path,
+    steps: int = 1,
+    batch_size: int = 5000,
+    seed: int = 0,
+) -> tuple[dict[str, Tensor], Path]:
+    """The stored trajectories for this teacher, sampler, ``n``, grid and ``seed`` (made and saved atomically on
+    first use, with the time they took and their size printed)."""
+    cache = Path(cache_dir) / f"trajectories-{trajectories_key(teacher_path, sampler_cfg, n, steps, seed)}.pt"
+    what = "pairs" if steps == 1 else f"{steps}-step trajectories"
+    if cache.is_file():
+        stored = torch.load(cache, weights_only=False)
+        log.info("reusing %d %s from %s (made in %.1f s)", n, what, cache, stored["meta"]["seconds"])
+        return stored["trajectories"], cache
+    start = time.perf_counter()
+    trajectories = make_trajectories(teacher, n, sampler, steps, batch_size, seed)
+    seconds = time.perf_counter() - start
+    meta = {"teacher": str(teacher_path), "sampler": sampler_cfg, "n": n, "steps": steps, "seed": seed}
+    meta["seconds"] = seconds
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    torch.save({"trajectories": trajectories, "meta": meta}, tmp)
+    tmp.replace(cache)
+    size_mb = cache.stat().st_size / 2**20
+    print(f"teacher {what}: {n} drawn with {sampler!r} in {seconds:.1f} s, stored at {cache} ({size_mb:.1f} MB)")
+    return trajectories, cache

@@ -1,0 +1,196 @@
+"""Few-step stages: distillation and consistency models (reflow: test_reflow.py), their samplers and refusals."""
+
+import pytest
+import torch
+
+from flowdiff.cli.build import build_datamodule, build_module, load_teacher
+from flowdiff.cli.sample import load_checkpoint
+from flowdiff.cli.train import train
+from flowdiff.errors import ConfigError
+from flowdiff.module import FlowModule
+from flowdiff.nets import MLP
+from flowdiff.objectives import Objective
+from flowdiff.paths import CondOTSchedule, GaussianPath
+from flowdiff.samplers import ConsistencySampler, build_sampler
+from flowdiff.stages.consistency import ConsistencyModule, consistency_problem, training_points
+from flowdiff.stages.trajectories import make_trajectories
+from helpers import FAST, compose_cfg
+from test_samplers import GaussianOracle
+
+BASE = [*FAST, "data=moons", "callbacks.plot=null"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    train(compose_cfg(BASE, out))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def _module(schedule, objective="cfm", dtype=torch.float32):
+    torch.manual_seed(0)
+    net = MLP(data_shape=[3], width=16, depth=2).to(dtype)
+    return ConsistencyModule(net, GaussianPath(schedule), Objective.from_name(objective), data_shape=(3,))
+
+
+# ---------------------------------------------------------------- the consistency function
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("schedule_name", ["condot", "cosine"])
+def test_consistency_function_meets_its_boundary_condition_exactly(schedule_name, dtype):
+    """f(x, 1) = x bit for bit (c_skip(1) = 1, c_out(1) = 0 from alpha_1 = 1, beta_1 = 0), for a random network
+    whose output is far from zero; below t = 1 the network does move x."""
+    from conftest import ALL_SCHEDULES
+
+    module = _module(ALL_SCHEDULES[schedule_name], dtype=dtype)
+    x = 3 * torch.randn(64, 3, dtype=dtype)
+    ones = torch.ones(64, dtype=dtype)
+    assert torch.equal(module.consistency_function(module.net, x, ones), x)
+    assert torch.equal(module.consistency_function(module.target_net, x, ones), x)
+    inside = module.consistency_function(module.net, x, torch.full((64,), 0.5, dtype=dtype))
+    assert (inside - x).abs().max() > 1e-2
+    # the sampler's f is the same function: the module's data prediction
+    fields = module.vector_fields()
+    assert torch.equal(fields.data(x, ones), x)
+
+
+@pytest.mark.parametrize(
+    "schedule_name, objective, why",
+    [
+        ("condot", "data", "boundary condition would not hold"),
+        ("condot", "noise", "not finite on all of \\[0, 1\\]"),
+        ("condot", "score", "not finite on all of \\[0, 1\\]"),
+        ("linear_vp", "cfm", "not finite on all of \\[0, 1\\]"),
+        ("sqrt", "cfm", "not finite on all of \\[0, 1\\]"),
+        ("polynomial", "cfm", "not finite on all of \\[0, 1\\]"),  # alpha = t^2: velocity says nothing of z at 0
+    ],
+)
+def test_parameterisations_without_the_boundary_condition_are_refused(schedule_name, objective, why):
+    from conftest import ALL_SCHEDULES
+
+    path, obj = GaussianPath(ALL_SCHEDULES[schedule_name]), Objective.from_name(objective)
+    assert consistency_problem(path, obj) is not None
+    with pytest.raises(ValueError, match=why):
+        _module(ALL_SCHEDULES[schedule_name], objective)
+
+
+def test_consistency_training_schedule_follows_song_et_al():
+    """N(k) from s0 points at step 0 to s1 + 1 at the end, never decreasing; mu(N) = exp(s0 log mu0 / N)."""
+    points = [training_points(k, 1000, 2, 150) for k in range(0, 1001, 50)]
+    assert points[0] == 2 and points[-1] == 151 and points == sorted(points)
+    module = _module(CondOTSchedule())
+    module.teacher = None
+    intervals, mu = module.schedule(step=0)
+    assert intervals == 1 and mu == pytest.approx(0.9)
+
+
+# ---------------------------------------------------------------- samplers
+def test_consistency_sampler_with_the_exact_flow_map_is_exact_at_any_step_count():
+    """Data N(mu, s^2 I): with f the exact ODE flow map to t = 1, one step and three steps (re-noised onto p_t in
+    between) both give samples of N(mu, s^2), and report NFE = steps."""
+    mu, s = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5
+    oracle = GaussianOracle(CondOTSchedule(), mu, s)
+
+    def f(x, t):  # the flow map from (x, t) to t = 1; all t are equal within a call
+        return oracle.flow(x, float(t[0]), 1.0)
+
+    path = GaussianPath(CondOTSchedule())
+    x0 = torch.randn(200_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 3):
+        out = ConsistencySampler(path, steps=steps).sample(None, x0, data_fn=f, generator=torch.Generator())
+        assert out.nfe == steps
+        assert torch.allclose(out.x.mean(0), mu, atol=0.01), steps
+        assert torch.allclose(out.x.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.01), steps
+
+
+def test_one_step_samplers_report_nfe_one():
+    torch.manual_seed(0)
+    path = GaussianPath(CondOTSchedule())
+    module = FlowModule(MLP(data_shape=[2], width=16, depth=2), path, Objective.from_name("cfm"), data_shape=(2,))
+    for name in ("euler", "consistency", "ddim"):
+        sampler = build_sampler(name, path=path, steps=1)
+        assert module.sample(50, sampler=sampler).nfe == 1, name
+    assert module.sample(50, sampler=build_sampler("consistency", path=path, steps=4)).nfe == 4
+    assert module.sample(50, sampler=build_sampler("heun", steps=1)).nfe == 2
+
+
+# ---------------------------------------------------------------- distillation
+def test_teacher_trajectories_are_its_own_ode_states(teacher):
+    """k = 2 trajectories with the teacher's 10-step Euler: states 0, 5 and 10 of its own trajectory, exactly."""
+    module, _, _ = load_checkpoint(teacher)
+    sampler = build_sampler("euler", steps=10)
+    out = make_trajectories(module, 40, sampler, steps=2, batch_size=16, seed=3)
+    assert out["xs"].shape == (40, 3, 2) and torch.allclose(out["times"], torch.tensor([0.0, 0.5, 1.0]))
+    again = module.sample(40, sampler=sampler, x0=out["xs"][:, 0], return_trajectory=True)
+    assert torch.equal(out["xs"][:, 1], again.trajectory[5]) and torch.equal(out["xs"][:, 2], again.x)
+    with pytest.raises(ValueError, match="takes 10 steps, not a multiple of the student's 3"):
+        make_trajectories(module, 4, sampler, steps=3)
+
+
+def test_distilled_student_trains_on_the_teachers_trajectories_and_samples_alone(teacher, tmp_path):
+    """stage=distill distill.steps=2: batches carry the teacher's 3 states, the student starts from its weights, its
+    sampler is 2-step Euler (NFE 2 at validation) and its checkpoint samples without the teacher; a progressive
+    round on it (its own 2 Euler steps halved to 1) trains too."""
+    common = [*BASE, f"log_root={tmp_path}", "distill.n_pairs=64", "distill.sampler.name=euler"]
+    common.append("+distill.sampler.steps=8")
+    cfg = compose_cfg([*common, "stage=distill", f"teacher={teacher}", "distill.steps=2"], tmp_path / "two")
+    t = load_teacher(cfg)
+    dm = build_datamodule(cfg, t)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["xs"].shape[1:] == (3, 2) and torch.allclose(batch["times"][0], torch.tensor([0.0, 0.5, 1.0]))
+    student = build_module(cfg, dm, t)
+    assert type(student).__name__ == "DistillationModule"
+    assert torch.equal(student.net.state_dict()["body.0.weight"], t.module.net.state_dict()["body.0.weight"])
+    loss = student.loss(batch)
+    assert torch.isfinite(loss) and loss > 0
+    metrics = train(cfg)
+    assert metrics["nfe"] == 2 and metrics["val/w2"] < 5
+    ckpt = tmp_path / "two" / "checkpoints" / "last.ckpt"
+    alone, _, _ = load_checkpoint(ckpt)
+    assert alone.sample(10).nfe == 2
+    halved = [*common, "stage=distill", f"teacher={ckpt}", "distill.steps=1", "distill.progressive=true"]
+    assert train(compose_cfg(halved, tmp_path / "one"))["nfe"] == 1
+
+
+# ---------------------------------------------------------------- consistency models
+@pytest.mark.parametrize("with_teacher", [True, False], ids=["distillation", "training"])
+def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(teacher, tmp_path, with_teacher):
+    extra = [f"teacher={teacher}"] if with_teacher else ["consistency.init_from_teacher=false"]
+    cfg = compose_cfg([*BASE, "stage=consistency", *extra], tmp_path / "cm")
+    t = load_teacher(cfg)
+    assert (t is not None) == with_teacher
+    module = build_module(cfg, build_datamodule(cfg, t), t)
+    before = {k: v.clone() for k, v in module.target_net.state_dict().items()}
+    if with_teacher:  # distillation starts from the teacher, target included
+        assert torch.equal(before["body.0.weight"], t.module.net.state_dict()["body.0.weight"])
+    metrics = train(cfg)
+    assert metrics["nfe"] == 1 and metrics["val/w2"] < 5
+    trained, _, _ = load_checkpoint(tmp_path / "cm" / "checkpoints" / "last.ckpt")
+    after = trained.target_net.state_dict()["body.0.weight"]
+    assert not torch.equal(after, before["body.0.weight"])  # the EMA target moved
+    assert not torch.equal(after, trained.net.state_dict()["body.0.weight"])  # ... but is not the online net
+    two = trained.sample(20, sampler=build_sampler("consistency", path=trained.path, steps=2))
+    assert two.nfe == 2 and torch.isfinite(two.x).all()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["stage=distill"], r"stage=distill needs teacher=<a checkpoint written by train.py>"),
+        (["stage=train", "teacher=TEACHER"], r"teacher=.* is set but stage=train does not use one"),
+        (["stage=distill", "teacher=TEACHER", "objective=score"], r"stage=distill trains Euler steps .* objective=cfm"),
+        (["stage=distill", "teacher=TEACHER", "distill.progressive=true"], r"its sampler is euler with 100 steps"),
+        (["stage=consistency", "objective=data"], r"stage=consistency cannot use objective=data: .* boundary"),
+        (["stage=consistency", "teacher=TEACHER", "guidance=cfg"], r"the teacher was trained with guidance=none"),
+        (["stage=consistency", "teacher=TEACHER", "consistency.s0=1"], r"consistency settings out of range"),
+        (["stage=consistency", "data=8gaussians", "teacher=TEACHER"], r"teacher was trained on data=moons"),
+    ],
+)
+def test_stages_refuse_what_cannot_work_in_one_sentence(teacher, tmp_path, extra, message):
+    extra = [e.replace("TEACHER", str(teacher)) for e in extra]
+    cfg = compose_cfg([*BASE, f"log_root={tmp_path}", *extra], tmp_path / "r")
+    with pytest.raises(ConfigError, match=message):
+        t = load_teacher(cfg)
+        dm = build_datamodule(cfg, t)
+        dm.setup("fit")
+        build_module(cfg, dm, t)
