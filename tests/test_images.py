@@ -199,7 +199,12 @@ def test_label_dropout_happens_in_training():
 def test_train_a_few_steps_on_each_format(data, files, tmp_path):
     root = {"mnist": files / "mnist", "cifar10": files / "cifar", "image_folder": files / "folder"}[data]
     extra = {
-        "mnist": ["guidance=cfg", f"callbacks.image_metrics.classifier_path={files / 'clf1.pt'}", "logger=many"],
+        "mnist": [
+            "guidance=cfg",
+            f"callbacks.image_metrics.classifier_path={files / 'clf1.pt'}",
+            "logger=many",
+            "callbacks.image_metrics.nfe=[1,2]",
+        ],
         "cifar10": ["data.verify_md5=false", "callbacks.image_metrics=null"],
         "image_folder": [
             "data.image_size=16",
@@ -216,6 +221,9 @@ def test_train_a_few_steps_on_each_format(data, files, tmp_path):
     if data != "cifar10":
         assert "val/fid" in metrics and "val/fid_floor" in metrics and "val/class_acc" in metrics
         assert metrics["val/fid"] > 0 and 0 <= metrics["val/class_acc"] <= 1
+    if data == "mnist":  # quality against NFE at the end of the run: other samples, other scores
+        assert metrics["val/fid_nfe1"] > 0 and metrics["val/fid_nfe1"] != metrics["val/fid_nfe2"]
+        assert 0 <= metrics["val/class_acc_nfe1"] <= 1
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["global_step"] == 3
     if data == "mnist":  # the grids reach TensorBoard as images, one tag per guidance scale

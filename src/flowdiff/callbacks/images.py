@@ -166,6 +166,8 @@ class ImageMetrics(_EveryN):
         classifier_path: a classifier file (default: the cache, trained on first use).
         guidance_scale: the ``w`` of the evaluated samples (default: the model's).
         kid_subsets: KID's number of subsets.
+        nfe: at the last validation of a run, also ``val/fid_nfe<k>`` (and ``val/class_acc_nfe<k>``) with the model's
+            sampler at ``k`` steps for each ``k`` (Euler's for an adaptive solver): quality against NFE.
         extractor: a ready feature extractor (tests); overrides ``features``.
     """
 
@@ -180,9 +182,11 @@ class ImageMetrics(_EveryN):
         batch_size: int = 500,
         seed: int = 1234,
         every_n_epochs: int = 1,
+        nfe: tuple[int, ...] = (),
         extractor: FeatureExtractor | None = None,
     ) -> None:
         super().__init__(every_n_epochs)
+        self.nfe = tuple(int(k) for k in nfe or ())
         self.n, self.features, self.batch_size, self.seed = n, features, batch_size, seed
         self.inception_weights, self.classifier_path = inception_weights, classifier_path
         self.guidance_scale, self.kid_subsets = guidance_scale, kid_subsets
@@ -245,15 +249,18 @@ class ImageMetrics(_EveryN):
     def on_validation_start(self, trainer, pl_module) -> None:
         self.prepare(trainer.datamodule, pl_module.device, trainer.global_rank)
 
-    def evaluate(self, pl_module, num_classes: int, rank: int = 0, world: int = 1) -> dict[str, float]:
-        """Generate this rank's share of ``n`` samples, update and compute (a collective under DDP)."""
+    def evaluate(self, pl_module, num_classes: int, rank: int = 0, world: int = 1, sampler=None) -> dict[str, float]:
+        """Generate this rank's share of ``n`` samples (with ``sampler``, default the module's), update and compute
+        (a collective under DDP)."""
         self.metric.reset_fake()
         share = range(rank, self.n, world)  # the same n images whatever the number of ranks
         y_all = balanced_labels(self.n, num_classes)
         y = None if y_all is None else y_all[list(share)]
-        images, pl_module.sample_nfe = sample_images(
-            pl_module, len(share), y, self.guidance_scale, self.seed + 7919 * rank, self.batch_size
+        images, nfe = sample_images(
+            pl_module, len(share), y, self.guidance_scale, self.seed + 7919 * rank, self.batch_size, sampler
         )
+        if sampler is None:
+            pl_module.sample_nfe = nfe
         self.metric.update(images, real=False)
         out = self.metric.compute(n=min(self.n, self.n_real))
         if self.classifier is not None and y is not None:
@@ -277,6 +284,13 @@ class ImageMetrics(_EveryN):
             pl_module.log(f"val/{key}", value, prog_bar=key == "fid", sync_dist=sync)
         if self.floor is not None:
             pl_module.log("val/fid_floor", self.floor["fid"], sync_dist=sync)
+        if self.nfe and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step):
+            for k in self.nfe:
+                steps = pl_module.sampler.with_steps(k)
+                out = self.evaluate(pl_module, num_classes, trainer.global_rank, trainer.world_size, steps)
+                for key in ("fid", "class_acc"):
+                    if key in out:
+                        pl_module.log(f"val/{key}_nfe{k}", out[key], sync_dist=sync)
 
 
 __all__ = ["ImageGrid", "ImageMetrics", "balanced_labels", "build_extractor", "sample_images"]

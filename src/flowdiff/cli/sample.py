@@ -126,6 +126,17 @@ def _timed_sample(module, n, sampler, y, scale, seed: int, device: str, batch_si
     return x, nfe, time.perf_counter() - start
 
 
+def _straightness(cfg, module, y: torch.Tensor | None, scale, k: int) -> dict:
+    """The straightness of the model's ODE itself (whatever sampler drew the samples) on ``k`` paths."""
+    if k <= 0:
+        return {}
+    steps = int((cfg.get("straightness") or {}).get("steps", 100))
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    value = module.straightness(k, steps, None if y is None else y[:k], scale, generator=g)
+    print(f"straightness: {value:.4f} (E int ||(X_1 - X_0) - v||^2 dt, {k} paths, {steps} steps)")
+    return {"straightness": value, "straightness_n": k, "straightness_steps": steps}
+
+
 def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Path, device: str) -> dict:
     ref = dm.test_set
     y = _labels(module, dm, cfg, n, ref["y"])
@@ -139,14 +150,7 @@ def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pa
         "w2_floor": w2(dm.val_set["x1"][:m], ref["x1"][:m]),
         "w2_n": m,
     }
-    scfg = cfg.get("straightness") or {}
-    k = min(int(scfg.get("n", 0) or 0), n)
-    if k > 0:  # of the model's ODE itself, whatever sampler drew the samples
-        steps = int(scfg.get("steps", 100))
-        g = torch.Generator().manual_seed(int(cfg.seed))
-        out["straightness"] = module.straightness(k, steps, None if y is None else y[:k], scale, generator=g)
-        out["straightness_n"], out["straightness_steps"] = k, steps
-        print(f"straightness: {out['straightness']:.4f} (E int ||(X_1 - X_0) - v||^2 dt, {k} paths, {steps} steps)")
+    out.update(_straightness(cfg, module, y, scale, min(n, int((cfg.get("straightness") or {}).get("n", 0) or 0))))
     title = f"{sampler_cfg.name}, NFE {nfe}, W2 {out['w2']:.3f} (floor {out['w2_floor']:.3f})"
     fig = plot_samples_2d(x, ref["x1"], title=title)
     fig.savefig(run_dir / "samples.png", dpi=90)
@@ -169,6 +173,7 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
     out: dict = {"nfe": nfe, "seconds": seconds, "images_per_second": n / seconds}
     print(f"{sampler!r}: {n} images, NFE {nfe}, {seconds:.1f} s ({n / seconds:.1f} images/s)")
     print(f"grid: {run_dir / 'samples.png'}")
+    out.update(_straightness(cfg, module, y, scale, min(n, int((cfg.get("straightness") or {}).get("images", 0) or 0))))
     if not mcfg.get("fid", True):
         return out
     try:
