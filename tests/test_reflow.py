@@ -62,10 +62,18 @@ def test_reflow_pairs_are_the_teachers_samples_made_once(teacher, tmp_path):
     assert torch.equal(student.state_dict()["net.body.0.weight"], module.state_dict()["net.body.0.weight"])
     # trained, the student needs no teacher to sample
     train(cfg)
+    student_ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     os.rename(teacher, teacher.with_suffix(".away"))
     try:
-        alone, _, _ = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
+        alone, _, _ = load_checkpoint(student_ckpt)
         assert torch.isfinite(alone.sample(10).x).all()
+        # ... and is the teacher of the next reflow: a 3-rectified flow on pairs of its own samples
+        cfg3 = compose_cfg(_reflow(student_ckpt, tmp_path), tmp_path / "c")
+        dm3 = build_datamodule(cfg3, load_teacher(cfg3))
+        dm3.setup("fit")
+        x0 = dm3.pairs["xs"][:, 0]
+        assert torch.equal(alone.sample(300, sampler=build_sampler("heun", steps=20), x0=x0).x, dm3.pairs["xs"][:, -1])
+        assert train(cfg3)["global_step"] == 6
     finally:
         os.rename(teacher.with_suffix(".away"), teacher)
 

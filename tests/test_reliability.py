@@ -250,6 +250,7 @@ def _with(overrides: list[str], base: list[str] = FAST) -> list[str]:
     [
         (["trainer.max_steps=0"], r"trainer.max_steps=0 is out of range: set it to a positive number of training"),
         (["sampler.steps=0"], r"sampler.steps=0 is out of range: set it to at least 1"),
+        (["stage=distill", "distill.steps=0"], r"distill.steps=0 is out of range: set it to at least 1 \(the student"),
         (
             ["guidance=cfg", "guidance.p_uncond=1.0"],
             r"guidance.p_uncond=1.0 is out of range: set it to inside \[0, 1\)",

@@ -25,7 +25,7 @@ from flowdiff.samplers import SAMPLERS, Sampler, build_sampler
 from flowdiff.stages.consistency import ConsistencyModule, consistency_problem
 from flowdiff.stages.distill import DistillationModule
 from flowdiff.stages.reflow import ReflowCoupling
-from flowdiff.stages.trajectories import load_or_make_trajectories
+from flowdiff.stages.trajectories import load_or_make_trajectories, on_grid
 
 
 def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
@@ -98,22 +98,23 @@ def build_datamodule(cfg: DictConfig, teacher: Teacher | None = None):
         settings, steps = cfg.distill, int(cfg.distill.steps)
         sampler_cfg = _teacher_sampler(cfg, teacher) if settings.get("progressive") else settings.sampler
 
+    try:  # a teacher sampler whose grid misses the student's times: one sentence now, not when training starts
+        sampler = on_grid(build_sampler_from(sampler_cfg, teacher.module.path), steps)
+    except ValueError as err:
+        raise ConfigError(f"stage={stage}: {err}") from None
+
     def make_trajectories():
-        sampler = build_sampler_from(sampler_cfg, teacher.module.path)
-        try:
-            trajectories, _ = load_or_make_trajectories(
-                teacher.path,
-                teacher.module,
-                sampler,
-                plain_dict(sampler_cfg),
-                int(settings.n_pairs),
-                settings.cache_dir,
-                steps,
-                int(settings.get("batch_size", 5000)),
-                int(cfg.seed),
-            )
-        except ValueError as err:
-            raise ConfigError(f"stage={stage}: {err}") from None
+        trajectories, _ = load_or_make_trajectories(
+            teacher.path,
+            teacher.module,
+            sampler,
+            plain_dict(sampler_cfg),
+            int(settings.n_pairs),
+            settings.cache_dir,
+            steps,
+            int(settings.get("batch_size", 5000)),
+            int(cfg.seed),
+        )
         return trajectories
 
     steps_per_epoch = getattr(datamodule, "steps_per_epoch", None)
@@ -213,6 +214,9 @@ def check_values(cfg: DictConfig, datamodule) -> None:
     """Out-of-range values stop here, each in one sentence naming the key and the range it must lie in."""
     rules = [  # key, test, what the value must be
         ("trainer.max_steps", lambda v: v >= 1 or v == -1, "a positive number of training steps"),
+        ("distill.steps", lambda v: v >= 1, "at least 1 (the student's number of steps)"),
+        ("distill.n_pairs", lambda v: v >= 1, "at least 1"),
+        ("coupling.n_pairs", lambda v: v >= 1, "at least 1"),
         ("sampler.steps", lambda v: v >= 1, "at least 1 (a sampler needs at least one step)"),
         ("data.batch_size", lambda v: v >= 1, "at least 1"),
         ("optimizer.lr", lambda v: v > 0, "a positive learning rate, such as 1e-3"),

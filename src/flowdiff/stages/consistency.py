@@ -101,6 +101,11 @@ class ConsistencyModule(FlowModule):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["teacher"] = None  # copies (EMA's) average the student's weights: they need no copy of the teacher
+        return state
+
     # ------------------------------------------------------------------ the consistency function
     def consistency_function(self, net, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``f(x, t) = c_skip(t) x + c_out(t) net(x, t, y)``: the objective's data prediction on the path."""

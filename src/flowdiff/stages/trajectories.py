@@ -24,7 +24,7 @@ from flowdiff.samplers import Dopri5Sampler, Sampler
 log = logging.getLogger("flowdiff")
 
 
-def _on_grid(sampler: Sampler, steps: int) -> Sampler:
+def on_grid(sampler: Sampler, steps: int) -> Sampler:
     """``sampler`` set to record ``steps`` intervals: an adaptive solver's output grid is free; a fixed-step
     sampler's own grid must contain the coarse one (its steps a multiple of ``steps``)."""
     if isinstance(sampler, Dopri5Sampler):
@@ -45,7 +45,7 @@ def make_trajectories(
     from ``n`` noises drawn from ``seed`` (``xs[:, 0]``), at ``steps + 1`` evenly spaced times of its sampling span;
     ``xs[:, -1]`` is its sample (after the sampler's final denoising step, if any). A CFG teacher is conditioned on
     balanced labels, at its trained guidance scale."""
-    sampler = _on_grid(sampler, steps)
+    sampler = on_grid(sampler, steps)
     g = torch.Generator().manual_seed(seed)
     num_classes = teacher.guidance.null_label if teacher.guidance is not None else 0
     xs, ys, times = [], [], None
