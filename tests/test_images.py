@@ -232,3 +232,28 @@ def test_train_a_few_steps_on_each_format(data, files, tmp_path):
         events = EventAccumulator(str(tmp_path / "tensorboard"))
         events.Reload()
         assert {"samples_w1", "samples_w3"} <= set(events.Tags()["images"])
+
+
+def test_stages_on_images_distill_and_consistency_from_a_cfg_teacher(files, tmp_path):
+    """A class-conditional image teacher, its 2-step distilled student and its consistency model: each trains, is
+    scored by the classifier (FID, class accuracy) with the student's own sampler at w = 1, and samples alone."""
+    from flowdiff.cli.sample import load_checkpoint
+
+    tiny = [o for o in TINY_IMAGES if not o.startswith("sampler.steps")]  # a stage sets its sampler's steps
+    base = ["data=mnist", f"data.root={files / 'mnist'}", *TINY_UNET, *tiny, "guidance=cfg", "callbacks.grid=null"]
+    base += [f"callbacks.image_metrics.classifier_path={files / 'clf1.pt'}", f"log_root={tmp_path}"]
+    train(compose_cfg([*base, "sampler.steps=2", "callbacks.image_metrics=null"], tmp_path / "teacher"))
+    teacher = f"teacher={tmp_path / 'teacher' / 'checkpoints' / 'last.ckpt'}"
+    stages = {
+        "distill": ["stage=distill", "distill.steps=2", "distill.n_pairs=24", "distill.batch_size=8"],
+        "consistency": ["stage=consistency"],
+    }
+    stages["distill"] += ["distill.sampler.name=euler", "+distill.sampler.steps=4"]
+    for name, extra in stages.items():
+        metrics = train(compose_cfg([*base, *extra, teacher], tmp_path / name))
+        assert metrics["nfe"] == (2 if name == "distill" else 1)
+        assert metrics["val/fid"] > 0 and 0 <= metrics["val/class_acc"] <= 1
+        student, _, cfg = load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
+        assert cfg.guidance.scale == 1.0 and student.guidance.scale == 1.0  # the teacher's w is in what it learned
+        x = student.sample(4, y=torch.arange(4)).x
+        assert x.shape == (4, 1, 28, 28) and torch.isfinite(x).all()

@@ -151,6 +151,10 @@ def test_distilled_student_trains_on_the_teachers_trajectories_and_samples_alone
     ckpt = tmp_path / "two" / "checkpoints" / "last.ckpt"
     alone, _, _ = load_checkpoint(ckpt)
     assert alone.sample(10).nfe == 2
+    from flowdiff.cli.sample import sample  # sample.py sweeps its step count like any model's
+
+    out = sample(compose_cfg([f"ckpt={ckpt}", "sampler.steps=4", "n=64"], tmp_path / "s", config="sample"))
+    assert out["nfe"] == 4 and out["w2"] > 0 and out["straightness"] > 0
     halved = [*common, "stage=distill", f"teacher={ckpt}", "distill.steps=1", "distill.progressive=true"]
     assert train(compose_cfg(halved, tmp_path / "one"))["nfe"] == 1
 
@@ -182,6 +186,7 @@ def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(tea
         (["stage=distill"], r"stage=distill needs teacher=<a checkpoint written by train.py>"),
         (["stage=train", "teacher=TEACHER"], r"teacher=.* is set but stage=train does not use one"),
         (["stage=distill", "teacher=TEACHER", "objective=score"], r"stage=distill trains Euler steps .* objective=cfm"),
+        (["stage=distill", "teacher=TEACHER", "sampler.steps=3"], r"trains a 1-step student but sampler.steps=3: drop"),
         (["stage=distill", "teacher=TEACHER", "distill.progressive=true"], r"its sampler is euler with 100 steps"),
         (
             [

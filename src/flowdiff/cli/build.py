@@ -312,6 +312,11 @@ def build_module(cfg: DictConfig, datamodule, teacher: Teacher | None = None) ->
     (``init_from_teacher``); consistency distillation also steps the teacher's ODE in its loss."""
     validate(cfg, datamodule)
     stage = stage_name(cfg)
+    if stage == "distill" and int(cfg.sampler.steps) != int(cfg.distill.steps):  # sample.py may sample otherwise
+        raise ConfigError(
+            f"stage=distill trains a {cfg.distill.steps}-step student but sampler.steps={cfg.sampler.steps}: drop "
+            "sampler.steps (it follows distill.steps)"
+        )
     if teacher is not None:
         check_teacher(cfg, datamodule, teacher)
     path = build_path(cfg, datamodule.gaussian_source)

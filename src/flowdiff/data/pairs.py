@@ -39,6 +39,12 @@ class PairsDataModule(FreshBatchStream):
             raise AttributeError(name)
         return getattr(self.base, name)
 
+    def __len__(self) -> int:  # the data's training set, for images (dunder lookups skip __getattr__)
+        return len(self.base)
+
+    def __bool__(self) -> bool:  # a datamodule is there, whether or not its data has a length
+        return True
+
     @property
     def name(self) -> str:  # LightningDataModule has a class attribute of this name: __getattr__ never sees it
         return self.base.name
