@@ -4,7 +4,7 @@ W2 against NFE in {1, 2, 4, 8, 100} and straightness, with the finite-sample flo
 Every model is trained by ``train.py`` itself (the stages as a user runs them) and read back from its
 ``metrics.json`` (``val/w2_nfe<k>``, ``val/straightness``, ``val/w2_floor``: 2,000 points against 2,000 held-out).
 
-    python bench/few_step.py --steps 2000                 # about 10 minutes on 2 CPU cores
+    python bench/few_step.py                 # 5,000 steps per model: about 9 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def table(results: dict, steps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000, help="training steps of every model")
+    parser.add_argument("--steps", type=int, default=5000, help="training steps of every model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/flowdiff-few-step"))
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "few_step_2d.png")
