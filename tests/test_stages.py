@@ -77,8 +77,9 @@ def test_consistency_training_schedule_follows_song_et_al():
     """N(k) from s0 points at step 0 to s1 + 1 at the end, never decreasing; mu(N) = exp(s0 log mu0 / N)."""
     points = [training_points(k, 1000, 2, 150) for k in range(0, 1001, 50)]
     assert points[0] == 2 and points[-1] == 151 and points == sorted(points)
-    module = _module(CondOTSchedule())
-    module.teacher = None
+    module = _module(CondOTSchedule())  # improved CT's default: the target is the online network (mu = 0)
+    assert module.teacher is None and module.schedule(step=0) == (1, 0.0)
+    module.mu0 = 0.9  # Song et al.'s: mu(N) = exp(s0 log mu0 / N), mu0 at the start (N = s0 = 2 points)
     intervals, mu = module.schedule(step=0)
     assert intervals == 1 and mu == pytest.approx(0.9)
 
@@ -163,7 +164,7 @@ def test_distilled_student_trains_on_the_teachers_trajectories_and_samples_alone
 @pytest.mark.parametrize("with_teacher", [True, False], ids=["distillation", "training"])
 def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(teacher, tmp_path, with_teacher):
     extra = [f"teacher={teacher}"] if with_teacher else ["consistency.init_from_teacher=false"]
-    cfg = compose_cfg([*BASE, "stage=consistency", *extra], tmp_path / "cm")
+    cfg = compose_cfg([*BASE, "stage=consistency", "callbacks.ema=null", *extra], tmp_path / "cm")
     t = load_teacher(cfg)
     assert (t is not None) == with_teacher
     module = build_module(cfg, build_datamodule(cfg, t), t)
@@ -173,9 +174,10 @@ def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(tea
     metrics = train(cfg)
     assert metrics["nfe"] == 1 and metrics["val/w2"] < 5
     trained, _, _ = load_checkpoint(tmp_path / "cm" / "checkpoints" / "last.ckpt")
-    after = trained.target_net.state_dict()["body.0.weight"]
-    assert not torch.equal(after, before["body.0.weight"])  # the EMA target moved
-    assert not torch.equal(after, trained.net.state_dict()["body.0.weight"])  # ... but is not the online net
+    after, online = trained.target_net.state_dict()["body.0.weight"], trained.net.state_dict()["body.0.weight"]
+    assert not torch.equal(after, before["body.0.weight"])  # the target moved
+    # distillation: an EMA of the online net (mu = 0.95), not the net itself; training: the online net (mu = 0)
+    assert torch.equal(after, online) != with_teacher
     two = trained.sample(20, sampler=build_sampler("consistency", path=trained.path, steps=2))
     assert two.nfe == 2 and torch.isfinite(two.x).all()
 

@@ -74,6 +74,8 @@ class Sampler:
     stochastic: bool = False
     #: the fields it evaluates (the sampling span is where the model's prediction converts into them)
     fields: tuple[str, ...] = ("velocity",)
+    #: whether it chooses its own steps (``steps`` then only sets the output grid)
+    adaptive: bool = False
 
     def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0, denoise: bool = True) -> None:
         if steps < 1:
@@ -89,7 +91,7 @@ class Sampler:
 
     def with_steps(self, steps: int) -> Sampler:
         """This sampler with ``steps`` steps (an adaptive solver, whose steps are not its own, becomes Euler's)."""
-        if getattr(self, "adaptive", False):
+        if self.adaptive:
             from flowdiff.samplers.ode import EulerSampler
 
             return EulerSampler(steps, self.t_min, self.t_max, self.denoise)

@@ -63,8 +63,9 @@ class ConsistencyModule(FlowModule):
         teacher: a trained :class:`FlowModule` (consistency distillation), or ``None`` (consistency training).
         intervals: ``N`` for distillation.
         target_decay: ``mu`` for distillation (0: the target is the online network without gradient).
-        s0, s1, mu0: the schedule of ``N`` and ``mu`` for training (``s0 >= 2``: at least one interval).
-        loss: ``l2`` or ``pseudo_huber``.
+        s0, s1, mu0: the schedule of ``N`` and ``mu`` for training (``s0 >= 2``: at least one interval); ``mu0 = 0``
+            makes the target the online network without gradient, as improved consistency training does.
+        loss: ``pseudo_huber`` or ``l2``.
         teacher_solver: ``heun`` or ``euler``, the teacher's step between adjacent times.
     """
 
@@ -76,8 +77,8 @@ class ConsistencyModule(FlowModule):
         target_decay: float = 0.95,
         s0: int = 2,
         s1: int = 150,
-        mu0: float = 0.9,
-        loss: str = "l2",
+        mu0: float = 0.0,
+        loss: str = "pseudo_huber",
         teacher_solver: str = "heun",
         **kwargs,
     ) -> None:
