@@ -200,7 +200,11 @@ def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(tea
             ],
             r"stage=distill: the teacher's sampler takes 8 steps, not a multiple of the student's 3",
         ),
-        (["stage=consistency", "objective=data"], r"stage=consistency cannot use objective=data: .* boundary"),
+        (["stage=consistency", "objective=data"], r"cannot use objective=data with the CondOTSchedule: .* boundary"),
+        (
+            ["stage=consistency", "path=sqrt"],
+            r"objective=cfm with the SqrtSchedule: .*; use path=condot or path=cosine",
+        ),
         (["stage=consistency", "teacher=TEACHER", "guidance=cfg"], r"the teacher was trained with guidance=none"),
         (["stage=consistency", "teacher=TEACHER", "consistency.s0=1"], r"consistency settings out of range"),
         (["stage=consistency", "data=8gaussians", "teacher=TEACHER"], r"teacher was trained on data=moons"),

@@ -338,8 +338,10 @@ def build_module(cfg: DictConfig, datamodule, teacher: Teacher | None = None) ->
     elif stage == "consistency":
         problem = consistency_problem(path, objective)
         if problem is not None:
+            fix = "use path=condot or path=cosine" if objective.prediction == "velocity" else "use objective=cfm"
             raise ConfigError(
-                f"stage=consistency cannot use objective={cfg.objective.name}: {problem}; use objective=cfm"
+                f"stage=consistency cannot use objective={cfg.objective.name} with the {type(path.schedule).__name__}: "
+                f"{problem}; {fix}"
             )
         cls, settings = ConsistencyModule, cfg.consistency
         keys = ("intervals", "target_decay", "s0", "s1", "mu0", "loss", "teacher_solver")
