@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from flowdiff.callbacks.sampling import final_validation
 from flowdiff.data.images import to_unit
 from flowdiff.errors import ConfigError
 from flowdiff.metrics.classifier import load_or_train_classifier
@@ -284,7 +285,7 @@ class ImageMetrics(_EveryN):
             pl_module.log(f"val/{key}", value, prog_bar=key == "fid", sync_dist=sync)
         if self.floor is not None:
             pl_module.log("val/fid_floor", self.floor["fid"], sync_dist=sync)
-        if self.nfe and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step):
+        if self.nfe and final_validation(trainer):
             for k in self.nfe:
                 steps = pl_module.sampler.with_steps(k)
                 out = self.evaluate(pl_module, num_classes, trainer.global_rank, trainer.world_size, steps)

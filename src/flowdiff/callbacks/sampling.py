@@ -50,6 +50,11 @@ def validation_samples(trainer: L.Trainer, pl_module, n: int, seed: int = 1234) 
     return x
 
 
+def final_validation(trainer: L.Trainer) -> bool:
+    """Whether this validation round is the run's last (at ``max_steps``, or after an early stop)."""
+    return trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+
+
 def log_once(trainer: L.Trainer, pl_module, name: str, compute, **kwargs) -> float:
     """``compute()`` on rank 0 only, the value broadcast, and logged by every rank (so that checkpoint callbacks
     monitoring it find it everywhere) as one value: computed once, logged once."""
@@ -92,7 +97,7 @@ class DistributionMetrics(L.Callback):
         log_once(trainer, pl_module, "val/mmd", lambda: mmd(x[:1000], ref[:1000]) if finite else math.inf)
         if self.floor is not None:
             log_once(trainer, pl_module, "val/w2_floor", lambda: self.floor)
-        if self.nfe and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step):
+        if self.nfe and final_validation(trainer):
             profile = quality_vs_nfe(pl_module, _reference(trainer, self.n), self.nfe) if trainer.is_global_zero else {}
             for key in [f"val/w2_nfe{k}" for k in self.nfe] + ["val/straightness"]:
                 log_once(trainer, pl_module, key, lambda key=key: profile.get(key, math.nan))
