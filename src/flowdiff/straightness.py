@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from flowdiff.samplers import EulerSampler, time_grid
+
 FieldFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -31,15 +33,10 @@ def straightness(
     ``t_span``, and where the ``steps``-step Euler trajectories end."""
     if steps < 1:
         raise ValueError(f"straightness needs at least one step, got {steps}")
-    t0, t1 = float(t_span[0]), float(t_span[1])
-    dt = (t1 - t0) / steps
-    x, velocities = x0, []
-    for k in range(steps):
-        t = torch.full((x.shape[0],), t0 + k * dt, dtype=x.dtype, device=x.device)
-        v = velocity(x, t)
-        velocities.append(v)
-        x = x + dt * v
-    vs = torch.stack(velocities)  # (steps, B, ...)
+    times = time_grid(steps, float(t_span[0]), float(t_span[1]), device=x0.device, dtype=x0.dtype)
+    traj = EulerSampler(steps).integrate(velocity, x0, times, return_trajectory=True).trajectory  # (steps + 1, B, ...)
+    h = times.diff().view(-1, *[1] * x0.dim())
+    vs = traj.diff(dim=0) / h  # (steps, B, ...): the velocity each Euler step took
     chord = vs.mean(0, keepdim=True)  # (X_{t1} - X_{t0}) / L on the discrete trajectory
     per_path = (vs - chord).pow(2).flatten(2).sum(2).mean(0)  # (B,)
-    return float(per_path.mean()), x
+    return float(per_path.mean()), traj[-1]
