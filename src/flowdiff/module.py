@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from functools import partial
@@ -282,6 +283,16 @@ class FlowModule(L.LightningModule):
             self._data_moments = self._data_moments_fn()
         return self._data_moments if self._data_moments is not None else (None, None)
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Eval mode (BatchNorm's running statistics, no label dropout) for the block, then the mode it was in."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     def _labels(self, n: int, y: Tensor | int | None) -> Tensor | None:
         if isinstance(y, int):
             y = torch.full((n,), y, dtype=torch.long)
@@ -308,12 +319,8 @@ class FlowModule(L.LightningModule):
         x0 = self.draw_source(n, generator)
         fields = self.vector_fields(self._labels(n, y), guidance_scale)
         t_span = self.objective.sample_time_range(self.path, dtype=x0.dtype)
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             return straightness(fields.velocity, self._start_at(x0, t_span[0]), t_span, steps)[0]
-        finally:
-            self.train(was_training)
 
     def draw_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         if self.source is not None:
@@ -344,9 +351,7 @@ class FlowModule(L.LightningModule):
         x0 = self.draw_source(n, generator) if x0 is None else x0.to(self.device)
         y = self._labels(n, y)
         fields = self.vector_fields(y, guidance_scale)
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             noise_gen = None
             if generator is not None and self.device.type != "cpu":
                 noise_gen = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
@@ -361,5 +366,3 @@ class FlowModule(L.LightningModule):
                 return_trajectory=return_trajectory,
                 generator=noise_gen or generator,
             )
-        finally:
-            self.train(was_training)
