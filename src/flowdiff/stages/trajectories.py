@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowdiff.callbacks.images import balanced_labels
 from flowdiff.samplers import Dopri5Sampler, Sampler
 
 log = logging.getLogger("flowdiff")
@@ -47,12 +48,12 @@ def make_trajectories(
     balanced labels, at its trained guidance scale."""
     sampler = on_grid(sampler, steps)
     g = torch.Generator().manual_seed(seed)
-    num_classes = teacher.guidance.null_label if teacher.guidance is not None else 0
+    labels = balanced_labels(n, teacher.guidance.null_label if teacher.guidance is not None else 0)
     xs, ys, times = [], [], None
     for i in range(0, n, batch_size):
         k = min(batch_size, n - i)
         x0 = teacher.draw_source(k, g)
-        y = torch.arange(i, i + k) % num_classes if num_classes else None
+        y = None if labels is None else labels[i : i + k]
         out = teacher.sample(k, sampler=sampler, y=y, x0=x0, generator=g, return_trajectory=steps > 1)
         if steps == 1:
             states = [x0, out.x]
