@@ -22,23 +22,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "bench"
 NFE = (1, 2, 4, 8, 100)
 TASKS = {"N->moons": "moons", "N->8gaussians": "8gaussians"}
-#: model -> (overrides, teacher run, the sampler the model is used with, its one-step target against the teacher)
+#: model -> (its run folder, overrides, the run whose checkpoint is its teacher, its one-step target against the
+#: teacher's 100 steps)
 MODELS = {
-    "teacher (1-rectified flow)": ([], None, "euler", None),
-    "2-rectified flow": (["stage=reflow", "coupling.n_pairs=20000"], "teacher", "euler", 1.5),
-    "distilled, 1 step": (["stage=distill", "distill.steps=1", "distill.n_pairs=20000"], "teacher", "euler", 1.3),
-    "2-RF + distilled, 1 step": (["stage=distill", "distill.steps=1", "distill.n_pairs=20000"], "reflow", "euler", 1.3),
-    "consistency distillation": (["stage=consistency"], "teacher", "consistency", 2.0),
-    "consistency training": (["stage=consistency"], None, "consistency", None),
+    "teacher (1-rectified flow)": ("teacher", [], None, None),
+    "2-rectified flow": ("reflow", ["stage=reflow", "coupling.n_pairs=20000"], "teacher", 1.5),
+    "distilled, 1 step": ("distilled", ["stage=distill", "distill.steps=1", "distill.n_pairs=20000"], "teacher", 1.3),
+    "2-RF + distilled, 1 step": (
+        "reflow_distill",
+        ["stage=distill", "distill.steps=1", "distill.n_pairs=20000"],
+        "reflow",
+        1.3,
+    ),
+    "consistency distillation": ("cd", ["stage=consistency"], "teacher", 2.0),
+    "consistency training": ("ct", ["stage=consistency"], None, None),
 }
-FOLDER = {name: name.split(" ")[0].replace("-", "").replace(",", "") for name in MODELS}
-FOLDER.update({"2-RF + distilled, 1 step": "reflow_distill", "consistency distillation": "cd"})
-FOLDER.update({"consistency training": "ct", "2-rectified flow": "reflow"})
 
 
 def train(data: str, name: str, out: Path, steps: int, seed: int) -> dict:
-    overrides, teacher_of, _, _ = MODELS[name]
-    run = out / data / FOLDER[name]
+    folder, overrides, teacher_of, _ = MODELS[name]
+    run = out / data / folder
     cmd = [sys.executable, str(ROOT / "train.py"), f"data={data}", f"seed={seed}", *overrides]
     cmd += [f"trainer.max_steps={steps}", f"data.steps_per_epoch={steps}", f"hydra.run.dir={run}"]
     cmd += [f"log_root={out}", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "logger=csv"]
@@ -62,7 +65,7 @@ def figure(out: Path, results: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(TASKS), len(panels), figsize=(2.6 * len(panels), 2.7 * len(TASKS)), squeeze=False)
     for row, (task, data) in enumerate(TASKS.items()):
         for col, (name, k) in enumerate(panels):
-            module, dm, _ = load_checkpoint(out / data / FOLDER[name] / "checkpoints" / "last.ckpt")
+            module, dm, _ = load_checkpoint(out / data / MODELS[name][0] / "checkpoints" / "last.ckpt")
             x = module.sample(2000, sampler=module.sampler.with_steps(k), generator=torch.Generator().manual_seed(0)).x
             ref = dm.test_set["x1"][:2000]
             ax = axes[row][col]
