@@ -2,6 +2,7 @@
 
 from flowdiff.callbacks.ema import EMA
 from flowdiff.callbacks.images import ImageGrid, ImageMetrics
+from flowdiff.callbacks.progress_bar import StepProgressBar
 from flowdiff.callbacks.sampling import DistributionMetrics, SamplePlot, validation_samples
 from flowdiff.callbacks.signals import CheckpointOnSignal
 from flowdiff.callbacks.timing import Throughput
@@ -13,6 +14,7 @@ __all__ = [
     "ImageGrid",
     "ImageMetrics",
     "SamplePlot",
+    "StepProgressBar",
     "Throughput",
     "validation_samples",
 ]

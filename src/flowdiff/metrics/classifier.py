@@ -1,8 +1,9 @@
-"""A small digit classifier: the feature extractor of "classifier FID" and the judge of class-conditional samples.
+"""A small image classifier: the feature extractor of "classifier FID" and the judge of class-conditional samples.
 
-Inception features suit natural photographs; for MNIST-like data a classifier trained on the data
-itself is the usual offline substitute (its penultimate layer gives the features, its predictions the
-accuracy of class-conditional samples). It is trained once per dataset and image size and cached:
+Inception features suit natural photographs; for MNIST-like data, and for any labelled data when Inception's
+weights are not on the machine, a classifier trained on the data itself is the usual offline substitute (its
+penultimate layer gives the features, its predictions the accuracy of class-conditional samples). It is trained
+once per dataset and preparation (files, size, padding, channels) and cached:
 
     python -m flowdiff.metrics.classifier --dataset mnist --root ../shared/data/mnist-5k --image-size 32
 
@@ -15,12 +16,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flowdiff.progress import progress
 
 CACHE = Path("~/.cache/flowdiff/classifiers").expanduser()
 
@@ -107,17 +111,18 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     start = time.perf_counter()
     model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size].to(device)
-            loss = F.cross_entropy(model(_jitter(x[idx], g)), y[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if verbose:
-            print(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", flush=True)
+    what = f"classifier: {epochs} epochs on {len(x)} images"
+    with progress(what, steps, enabled=verbose, unit="steps") as advance:
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = order[i : i + batch_size].to(device)
+                loss = F.cross_entropy(model(_jitter(x[idx], g)), y[idx], label_smoothing=0.05)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                advance(1)
     model = model.cpu().eval()
     model.accuracy = float((model.predict(test[0]) == test[1]).float().mean())
     if verbose:
@@ -129,9 +134,14 @@ def train_classifier(
     return model
 
 
+#: part of every cache key: a change to the classifier or its training makes the old files stale
+CLASSIFIER_VERSION = 2
+
+
 def cache_path(datamodule) -> Path:
-    """Where the classifier for this dataset, root and image shape is cached."""
-    key = f"{datamodule.name}|{Path(datamodule.root).resolve()}|{datamodule.data_shape}"
+    """Where the classifier for this data is cached: keyed by everything that changes its input (the dataset's
+    files, split, size, padding and channels: :meth:`ImageDataModule.fingerprint`) and the classifier's version."""
+    key = f"v{CLASSIFIER_VERSION}|{datamodule.fingerprint()}|{tuple(datamodule.data_shape)}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     c, h, w = datamodule.data_shape
     return CACHE / f"{datamodule.name}-{c}x{h}x{w}-{digest}.pt"
@@ -139,7 +149,7 @@ def cache_path(datamodule) -> Path:
 
 def save_classifier(model: DigitClassifier, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # DDP ranks may write at once
     torch.save(
         {
             "state_dict": model.state_dict(),

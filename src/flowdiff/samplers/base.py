@@ -76,6 +76,8 @@ class Sampler:
     fields: tuple[str, ...] = ("velocity",)
     #: whether it chooses its own steps (``steps`` then only sets the output grid)
     adaptive: bool = False
+    #: network evaluations per step (what a progress bar expects; adaptive solvers cannot say)
+    evaluations_per_step: int = 1
 
     def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0, denoise: bool = True) -> None:
         if steps < 1:
@@ -88,6 +90,11 @@ class Sampler:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "path")
         return f"{type(self).__name__}({fields})"
+
+    @property
+    def expected_nfe(self) -> int | None:
+        """Network evaluations of one :meth:`sample` before a final denoising step; ``None`` if not known ahead."""
+        return None if self.adaptive else self.steps * self.evaluations_per_step
 
     def with_steps(self, steps: int) -> Sampler:
         """This sampler with ``steps`` steps (an adaptive solver, whose steps are not its own, becomes Euler's)."""

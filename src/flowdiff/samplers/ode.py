@@ -18,12 +18,16 @@ class EulerSampler(FixedStepSampler):
 class MidpointSampler(FixedStepSampler):
     """Explicit midpoint: ``x_{t+h} = x_t + h u_{t+h/2}(x_t + h/2 u_t(x_t))``: second order, 2 NFE per step."""
 
+    evaluations_per_step = 2
+
     def step(self, f: FieldFn, x, t, h):
         return x + h * f(x + 0.5 * h * f(x, t), t + 0.5 * h)
 
 
 class HeunSampler(FixedStepSampler):
     """Heun (explicit trapezoid): second order, 2 NFE per step."""
+
+    evaluations_per_step = 2
 
     def step(self, f: FieldFn, x, t, h):
         k1 = f(x, t)
@@ -33,6 +37,8 @@ class HeunSampler(FixedStepSampler):
 
 class RK4Sampler(FixedStepSampler):
     """Classical fourth-order Runge-Kutta, 4 NFE per step."""
+
+    evaluations_per_step = 4
 
     def step(self, f: FieldFn, x, t, h):
         k1 = f(x, t)

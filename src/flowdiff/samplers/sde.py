@@ -101,6 +101,10 @@ class EulerMaruyamaSampler(Sampler):
         self.langevin_steps = langevin_steps
         self.langevin_step = langevin_step
 
+    @property
+    def evaluations_per_step(self) -> int:  # the predictor and each corrector step
+        return 1 + self.langevin_steps
+
     def sigma_t(self, t: Tensor) -> Tensor:
         """The diffusion coefficient ``sigma_t``, shape ``(B,)``."""
         if self.sigma_schedule == "constant":
