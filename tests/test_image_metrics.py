@@ -16,6 +16,7 @@ from flowdiff.metrics.images import (
     MissingWeights,
     fid_between,
     fid_report,
+    kid_subset_size,
 )
 from helpers import ROOT
 
@@ -68,12 +69,26 @@ def test_fake_images_are_forgotten_and_real_features_kept():
     assert metric.compute()["fid"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_inception_from_a_local_weights_file_runs_end_to_end(tmp_path):
-    """torch-fidelity's InceptionV3 built from a weights file on disk (random weights saved here): no download."""
-    path = tmp_path / INCEPTION_FILE
-    weights = _random_inception_state(tmp_path)
-    torch.save(weights, path)
-    extractor = InceptionFeatures(path)
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """torch-fidelity's InceptionV3 with random weights, saved as the weights file flowdiff reads (no download)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    class Unloaded(fe.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # keep the random initial weights
+            return None
+
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "empty.pt")
+    torch.manual_seed(0)
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pt"))
+    path = folder / INCEPTION_FILE
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_from_a_local_weights_file_runs_end_to_end(inception_file):
+    extractor = InceptionFeatures(inception_file)
     assert extractor.num_features == 2048 and INCEPTION_FILE in extractor.name
     g = torch.Generator().manual_seed(0)
     gray = torch.rand(6, 1, 28, 28, generator=g) * 2 - 1  # one channel: repeated to RGB
@@ -84,30 +99,61 @@ def test_inception_from_a_local_weights_file_runs_end_to_end(tmp_path):
     assert math.isfinite(scores["fid"]) and scores["fid"] > 0
 
 
-def _random_inception_state(tmp_path):
-    """The state dict of torch-fidelity's InceptionV3 with its random initial weights."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+def test_inception_features_are_torch_fidelitys(inception_file):
+    """The same weights file in flowdiff's extractor and in torch_fidelity.FeatureExtractorInceptionV3 (fed the uint8
+    images, gray ones as RGB, as torch-fidelity's loader gives them): the tensor fed to the first convolution (after
+    the resize to 299 and the scaling; random weights make the features themselves insensitive to the image) and
+    the features agree to 1e-5, for gray and colour images of 28, 32 and 64 pixels. Today's main fed torchmetrics'
+    antialiased resize instead of torch-fidelity's TF1 bilinear one: 91% apart in relative L2 at 32 pixels."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    original = fe.load_state_dict_from_url
+    ours = InceptionFeatures(inception_file)
+    theirs = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(inception_file)
+    )
+    fed = {}
 
-    def fake_download(*args, **kwargs):
-        raise RuntimeError("no download")
+    def keep(name):
+        def hook(module, args):
+            fed[name] = args[0].detach().clone()
 
-    net = fe.FeatureExtractorInceptionV3.__new__(fe.FeatureExtractorInceptionV3)
-    try:
-        fe.load_state_dict_from_url = fake_download
-        # build the layers without loading: torch.load of a file holding this very structure's random state
-        holder = tmp_path / "structure.pt"
-        torch.save({}, holder)
-        try:
-            fe.FeatureExtractorInceptionV3.__init__(
-                net, "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(holder)
-            )
-        except RuntimeError:  # load_state_dict({}) fails after every layer exists: that is all we need
-            pass
-    finally:
-        fe.load_state_dict_from_url = original
-    return {k: v.clone() for k, v in net.state_dict().items()}
+        return hook
+
+    first = [m for m in ours.modules() if type(m).__name__ == "BasicConv2d"][0]
+    first.register_forward_pre_hook(keep("ours"))
+    theirs.Conv2d_1a_3x3.register_forward_pre_hook(keep("theirs"))
+    g = torch.Generator().manual_seed(1)
+    for channels in (1, 3):
+        for size in (28, 32, 64):
+            pixels = torch.randint(0, 256, (2, channels, size, size), generator=g, dtype=torch.uint8)
+            x = pixels.float() / 255 * 2 - 1  # flowdiff's model space
+            with torch.no_grad():
+                mine = ours(x)
+                reference = theirs(pixels.expand(-1, 3, -1, -1))[0]
+            assert fed["ours"].shape == (2, 3, 299, 299)
+            torch.testing.assert_close(fed["ours"], fed["theirs"], atol=1e-5, rtol=0)
+            torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_kid_spread_is_over_distinct_subsets():
+    """KID's subsets hold at most half of the n images, so they differ and ``kid_std`` is a spread: here within a
+    factor 2 of the spread of KID between independent sets of the subsets' size. Today's main drew subsets of all
+    n images (the same set in another order) and printed kid_std 0.0."""
+    from torchmetrics.image.kid import poly_mmd
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 6
+
+    def pair(k):
+        return torch.randn(k, 1, 1, d, generator=g, dtype=torch.float64), torch.randn(
+            k, 1, 1, d, generator=g, dtype=torch.float64
+        ) * 1.2 + 0.3
+
+    scores = fid_between(FirstPixels(d), *pair(n), kid_subsets=100)
+    assert kid_subset_size(n) == n // 2
+    independent = torch.stack([poly_mmd(*(a.flatten(1) for a in pair(n // 2))) for _ in range(100)])
+    assert 0.5 < scores["kid_std"] / float(independent.std()) < 2.0
+    assert scores["kid"] == pytest.approx(float(independent.mean()), abs=3 * float(independent.std()))
 
 
 def test_missing_inception_weights_say_what_to_fetch(tmp_path):

@@ -208,6 +208,8 @@ def test_train_a_few_steps_on_each_format(data, files, tmp_path):
         "cifar10": ["data.verify_md5=false", "callbacks.image_metrics=null"],
         "image_folder": [
             "data.image_size=16",
+            "data.val_fraction=0.4",  # 12 held-out images: the floor's n = 12 of them
+            "callbacks.image_metrics.n=12",
             "guidance=cfg",
             "callbacks.image_metrics.features=classifier",
             f"callbacks.image_metrics.classifier_path={files / 'clf3.pt'}",
@@ -257,3 +259,52 @@ def test_stages_on_images_distill_and_consistency_from_a_cfg_teacher(files, tmp_
         assert cfg.guidance.scale == 1.0 and student.guidance.scale == 1.0  # the teacher's w is in what it learned
         x = student.sample(4, y=torch.arange(4)).x
         assert x.shape == (4, 1, 28, 28) and torch.isfinite(x).all()
+
+
+def test_classifier_cache_key_follows_what_the_classifier_reads(files, tmp_path):
+    """``image_size=32`` and ``image_size=null pad=2`` both give 32 x 32 digits, but not the same digits: each has its
+    own cached classifier (today's main keyed both by name, root and shape: one file); so do other files."""
+    from flowdiff.metrics.classifier import cache_path
+
+    resized = ImageDataModule("mnist", str(files / "mnist"), image_size=32, num_workers=0)
+    padded = ImageDataModule("mnist", str(files / "mnist"), pad=2, num_workers=0)
+    assert resized.data_shape == padded.data_shape == (1, 32, 32)
+    assert cache_path(resized) != cache_path(padded)
+    assert cache_path(resized) == cache_path(ImageDataModule("mnist", str(files / "mnist"), image_size=32))
+    other = tiny_mnist(tmp_path / "other", n_train=70)  # the same layout, other files
+    assert cache_path(ImageDataModule("mnist", str(other), image_size=32)) != cache_path(resized)
+
+
+def _colour_folder(root, classes):
+    rng = np.random.default_rng(2)
+    labels = np.arange(40) % len(classes)
+    images = rng.integers(0, 60, (40, 16, 16, 3))
+    for k, c in enumerate(labels):  # each class a bright stripe of its own colour
+        images[k, 6:10, :, c % 3] = 255
+    write_image_folder(root, images, labels, classes)
+    return root
+
+
+def test_features_auto_never_stops_a_run_that_did_not_ask_for_them(tmp_path, monkeypatch, capsys):
+    """A labelled colour image folder and no Inception weights: features=auto trains the data's own classifier
+    (three channels, cached) and reports FID with it; an unlabelled folder (one class) trains with FID off and one
+    line saying how to turn it on. Today's main refused both at start-up ('FID with Inception features needs
+    torch-fidelity's weights file'). features=inception without the file still refuses."""
+    import flowdiff.metrics.classifier as classifier
+
+    monkeypatch.setattr(classifier, "CACHE", tmp_path / "cache")
+    common = [*TINY_UNET, *TINY_IMAGES, "data=image_folder", "data.image_size=16", "data.val_fraction=0.5"]
+    common += ["callbacks.grid=null", "callbacks.image_metrics.n=16"]
+    labelled = _colour_folder(tmp_path / "labelled", ["red", "green", "blue"])
+    metrics = train(compose_cfg([*common, f"data.root={labelled}", "guidance=cfg"], tmp_path / "a"))
+    printed = capsys.readouterr().out
+    assert metrics["val/fid"] > 0 and 0 <= metrics["val/class_acc"] <= 1
+    assert "features: image_folder classifier" in printed and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    unlabelled = _colour_folder(tmp_path / "unlabelled", ["all"])
+    metrics = train(compose_cfg([*common, f"data.root={unlabelled}", "data.labels=false"], tmp_path / "b"))
+    printed = capsys.readouterr().out
+    assert "val/fid" not in metrics and metrics["global_step"] == 3
+    assert "no FID for data=image_folder" in printed and "inception_weights=PATH" in printed
+    cfg = compose_cfg([*common, f"data.root={labelled}", "callbacks.image_metrics.features=inception"], tmp_path / "c")
+    with pytest.raises(ConfigError, match="FID with Inception features needs torch-fidelity's weights file"):
+        train(cfg)

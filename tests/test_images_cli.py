@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from flowdiff.errors import ConfigError
 from helpers import TINY_IMAGES, TINY_UNET, compose_cfg, tiny_classifier, tiny_mnist
 from test_cli import run
 
@@ -74,6 +75,26 @@ def test_sample_images_fid_sweep_table_and_bits_per_dim(image_run, tmp_path, cap
     pairs = sorted((float(r["guidance_scale"]), int(r["nfe"])) for r in rows)
     assert pairs == [(1.0, 1), (3.0, 1)]
     assert all(float(r["fid"]) > 0 for r in rows)
+
+
+def test_sample_fid_and_its_floor_share_one_n(image_run, tmp_path, capsys):
+    """FID compares the n samples with n training images and its floor n training with n held-out ones, the printed
+    n that one; an n above the 40 held-out images is refused in one sentence before sampling. Long steps show
+    progress (here, in a log: a line when each starts and ends) and say what they evaluate. Today's main compared
+    50 samples with 50 training images but its floor with 40 held-out ones."""
+    from flowdiff.cli.sample import sample
+
+    _, out, clf, _ = image_run
+    args = [f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "sampler.steps=1", f"metrics.classifier_path={clf}"]
+    with pytest.raises(ConfigError, match=r"n=50 is larger than data=mnist allows for FID: .* 40 held-out .* n<=40"):
+        sample(compose_cfg([*args, "n=50"], tmp_path / "big", config="sample"))
+    assert not (tmp_path / "big" / "samples.pt").exists()
+    m = sample(compose_cfg([*args, "n=40", "metrics.kid_subsets=4"], tmp_path / "ok", config="sample"))
+    printed = capsys.readouterr().out
+    assert m["fid_n"] == 40 and m["kid_subset_size"] == 20 and "n = 40;" in printed
+    assert "FID/KID of the 40 samples against 40 training images, floor 40 training vs 40 held-out" in printed
+    assert "sampling 40 images (EulerSampler(steps=1" in printed and "w = " in printed
+    assert "FID/KID features: 120/120 in" in printed
 
 
 @pytest.mark.slow

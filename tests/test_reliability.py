@@ -301,7 +301,10 @@ def mnist(tmp_path_factory):
     "overrides, message",
     [
         (["net=mlp"], r"net=mlp is for vectors, but the data has shape \(1, 28, 28\): use net=unet for images"),
-        (["callbacks.image_metrics.n=100"], r"callbacks.image_metrics.n=100 is out of range: set it between 1 and 64"),
+        (
+            ["callbacks.image_metrics.n=100"],
+            r"callbacks.image_metrics.n=100 is out of range: set it between 1 and 32; .* 64 training .* 32 held-out",
+        ),
         (
             ["callbacks.image_metrics.classifier_path={root}/clf3.pt"],
             r"classifier_path=.*clf3.pt reads 3-channel images of 10 classes, but data=mnist has 1 channels",

@@ -7,8 +7,11 @@ Along a solution of ``dX_t = u_t(X_t) dt`` the density changes as ``d/dt log p_t
 with ``x_0`` found by integrating the ODE backwards from the data point ``x_1`` (t = 1) to the noise
 (t = 0), where ``p_0 = N(0, I)``. The divergence is exact (one autograd pass per dimension) for small
 ``d`` and Hutchinson's estimate ``E[e^T (du/dx) e]`` with fixed Rademacher probes ``e`` otherwise.
-Integration is adaptive (dopri5, torchdiffeq) over the model's sampling range ``[t_min, t_max]``;
-where ``t_min > 0`` the Gaussian is used at ``t_min``, an approximation the caller should state.
+Integration is adaptive (dopri5, torchdiffeq) over the model's sampling range ``[t_min, t_max]``,
+from the density its sampler starts from at ``t_min`` (``prior``: N(0, I) at t = 0, the moment-matched
+Gaussian of ``p_t_min`` later). Where ``t_max < 1`` the data point is scored as the ODE's state at ``t_max``:
+the sampler's last denoising step from ``t_max`` to 1 is not in the density (as in Song et al. 2021); the
+caller states it.
 
 For images in [-1, 1] from 8-bit pixels, :func:`bits_per_dim` applies uniform dequantisation
 ``x = 2 (pixel + U) / 256 - 1``, ``U ~ U[0, 1)``, so that ``bpd = (-log p(x) + D log(128)) / (D log 2)``.
@@ -44,9 +47,12 @@ def divergence_hutchinson(u: Tensor, x: Tensor, probes: Tensor) -> Tensor:
     return est / len(probes)
 
 
-def standard_normal_log_prob(x: Tensor) -> Tensor:
-    d = x[0].numel()
-    return -0.5 * x.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
+def gaussian_log_prob(x: Tensor, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> Tensor:
+    """``log N(x; loc, diag(scale^2))`` per sample, ``(B,)``; ``loc`` and ``scale`` broadcast against ``x``."""
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    z = (x - loc) / scale
+    log_scale = torch.log(scale).expand_as(x)
+    return (-0.5 * z.pow(2) - log_scale - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
 
 
 def log_likelihood(
@@ -58,12 +64,16 @@ def log_likelihood(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     generator: torch.Generator | None = None,
+    prior: Callable[[Tensor], Tensor] = gaussian_log_prob,
 ) -> tuple[Tensor, int]:
-    """``(log p_1(x1) (B,), NFE)`` of data ``x1`` under the flow of ``velocity_fn``.
+    """``(log p(x1) (B,), NFE)`` of data ``x1`` placed at ``t_max`` under the flow of ``velocity_fn`` from the
+    density ``prior`` (``x -> log p(x)``, ``(B,)``) at ``t_min``.
 
     Args:
         exact: exact divergence (default: when a sample has at most 16 numbers), else Hutchinson.
         probes: Hutchinson probes per evaluation (Rademacher, fixed along the trajectory).
+        prior: the density sampling starts from at ``t_min`` (default N(0, I)); :meth:`FlowModule.start_log_prob`
+            is the moment-matched Gaussian a model's sampler draws from when ``t_min > 0``.
     """
     t_min, t_max = t_span
     exact = x1[0].numel() <= 16 if exact is None else exact
@@ -87,7 +97,7 @@ def log_likelihood(
     zero = torch.zeros(x1.shape[0], dtype=x1.dtype, device=x1.device)
     xs, delta = odeint(field, (x1, zero), times, rtol=rtol, atol=atol, method="dopri5")
     # delta(t_min) = int_{t_max}^{t_min} div dt = -int_{t_min}^{t_max} div dt
-    return standard_normal_log_prob(xs[-1]) + delta[-1], nfe
+    return prior(xs[-1]) + delta[-1], nfe
 
 
 def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -15,9 +15,11 @@ from torch import Tensor, nn
 from flowdiff.couplings import Coupling, IndependentCoupling
 from flowdiff.errors import NonFiniteLoss
 from flowdiff.guidance import ClassifierFreeGuidance
+from flowdiff.likelihood import gaussian_log_prob
 from flowdiff.objectives import Objective
 from flowdiff.samplers import EulerSampler, Sampler, SampleResult
 from flowdiff.straightness import straightness
+from flowdiff.utils import cpu_generator
 
 SourceFn = Callable[[int, "torch.Generator | None"], Tensor]
 FieldFn = Callable[[Tensor, Tensor], Tensor]
@@ -135,7 +137,7 @@ class FlowModule(L.LightningModule):
         x0 = batch.get("x0")
         if x0 is None:
             x0 = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-        x0, z, y = self.coupling(x0, z, y, generator=None if generator is None else self._cpu_generator(generator))
+        x0, z, y = self.coupling(x0, z, y, generator=cpu_generator(generator))  # its plan is a NumPy array
         t = self._draw_t(z.shape[0], z, generator)
         if self.channels_last:
             z, x0 = z.contiguous(memory_format=torch.channels_last), x0.contiguous(memory_format=torch.channels_last)
@@ -145,13 +147,6 @@ class FlowModule(L.LightningModule):
         else:
             y = None
         return self.objective.loss(self._forward(sample.x_t, t, y), sample, self.path)
-
-    @staticmethod
-    def _cpu_generator(generator: torch.Generator) -> torch.Generator:
-        """The coupling draws on the CPU (its plan is a NumPy array): a CPU generator derived from ``generator``."""
-        if generator.device.type == "cpu":
-            return generator
-        return torch.Generator().manual_seed(int(generator.initial_seed()))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self.loss(batch)
@@ -255,15 +250,22 @@ class FlowModule(L.LightningModule):
             return self._forward(x, t, None)
         return self.guidance.guided(self._forward, x, t, y, guidance_scale)
 
-    def vector_fields(self, y: Tensor | None = None, guidance_scale: float | None = None) -> VectorFields:
+    def vector_fields(
+        self,
+        y: Tensor | None = None,
+        guidance_scale: float | None = None,
+        on_evaluation: Callable[[], None] | None = None,
+    ) -> VectorFields:
         """The velocity, score and data fields of the trained model; all reuse one network forward at the same
-        ``(x, t)``."""
+        ``(x, t)``. ``on_evaluation()`` is called after each network evaluation (a progress bar)."""
         cache: dict[str, Tensor] = {}
 
         def predict(x: Tensor, t: Tensor) -> Tensor:
             if cache.get("x") is not x or cache.get("t") is not t:
                 yy = None if y is None else y.expand(x.shape[0]) if y.dim() == 0 else y
                 cache.update(x=x, t=t, pred=self.prediction(x, t, yy, guidance_scale))
+                if on_evaluation is not None:
+                    on_evaluation()
             return cache["pred"]
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
@@ -298,12 +300,24 @@ class FlowModule(L.LightningModule):
             y = torch.full((n,), y, dtype=torch.long)
         return None if y is None else y.to(self.device)
 
+    def _moment_matched_start(self, t_start: float) -> bool:
+        return self.source is None and t_start > 0 and hasattr(self.path, "source_at")
+
     def _start_at(self, x0: Tensor, t_start: float) -> Tensor:
         """The sampler's starting state at ``t_start``: ``x0`` itself at t = 0; N(0, I) is p_0, not p_t0, so later
         starts draw from the Gaussian with the moments of ``p_t0`` (:meth:`GaussianPath.source_at`)."""
-        if self.source is None and t_start > 0 and hasattr(self.path, "source_at"):
+        if self._moment_matched_start(t_start):
             return self.path.source_at(x0, t_start, *self.data_moments())
         return x0
+
+    def start_log_prob(self, x: Tensor, t_start: float) -> Tensor:
+        """``log p(x)`` ``(B,)`` of the distribution sampling starts from at ``t_start`` (what :meth:`_start_at`
+        makes of N(0, I)): N(0, I) at t = 0, the moment-matched Gaussian later; the likelihood's prior."""
+        if self.source is not None:
+            raise ValueError("the likelihood needs a Gaussian source: this model flows from another distribution")
+        if not self._moment_matched_start(t_start):
+            return gaussian_log_prob(x, torch.zeros_like(x[:1]), torch.ones_like(x[:1]))
+        return gaussian_log_prob(x, *self.path.source_moments(t_start, x, *self.data_moments()))
 
     @torch.no_grad()
     def straightness(
@@ -338,19 +352,21 @@ class FlowModule(L.LightningModule):
         x0: Tensor | None = None,
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
+        on_evaluation: Callable[[], None] | None = None,
     ) -> SampleResult:
         """Draw ``n`` samples with ``sampler`` (the module's default if ``None``).
 
         ``y`` (an int or ``(n,)`` labels) conditions a CFG-trained model with weight ``guidance_scale``
         (``w = 1`` conditional, ``w = 0`` unconditional; default: the configured scale).
         ``generator`` (a CPU generator) makes the source draw and the SDE noise reproducible.
+        ``on_evaluation()`` is called after each network evaluation (a progress bar).
         """
         sampler = sampler or self.sampler
         if sampler.stochastic and "score" not in self.path.parameterisations:
             raise ValueError(f"{type(sampler).__name__} needs a score, so a Gaussian source: use an ODE sampler")
         x0 = self.draw_source(n, generator) if x0 is None else x0.to(self.device)
         y = self._labels(n, y)
-        fields = self.vector_fields(y, guidance_scale)
+        fields = self.vector_fields(y, guidance_scale, on_evaluation)
         with self._evaluating():
             noise_gen = None
             if generator is not None and self.device.type != "cpu":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -19,3 +21,24 @@ def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
 def full_time(value: float | Tensor, batch: int, like: Tensor) -> Tensor:
     """A ``(B,)`` tensor of one time value, on ``like``'s device and dtype."""
     return torch.full((batch,), float(value), device=like.device, dtype=like.dtype)
+
+
+def stream_seed(*keys: object) -> int:
+    """A 63-bit seed for the named stream ``keys`` (e.g. ``("images", seed, index)``): counter-based, so any member
+    of a stream can be drawn again without the ones before it, and distinct keys give unrelated seeds."""
+    digest = hashlib.blake2b("/".join(["flowdiff", *map(str, keys)]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def rank_share(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n`` items split over ``world`` DDP ranks (the shares, in rank order,
+    are ``0 .. n - 1``: what gathering them gives back)."""
+    per = -(-n // world)
+    return slice(min(rank * per, n), min((rank + 1) * per, n))
+
+
+def cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """``generator`` itself on the CPU, else a CPU generator seeded from it (draws that must happen on the CPU)."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(int(generator.initial_seed()))

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -26,8 +27,11 @@ from flowdiff.metrics.images import (
     FeatureFID,
     InceptionFeatures,
     MissingWeights,
+    kid_subset_size,
     reference,
 )
+from flowdiff.progress import Advance, progress
+from flowdiff.utils import rank_share, stream_seed
 
 
 def class_rows(num_classes: int, per_class: int) -> Tensor | None:
@@ -45,18 +49,55 @@ def sample_images(
     seed: int,
     batch_size: int = 500,
     sampler=None,
+    start: int = 0,
+    advance: Advance | None = None,
 ) -> tuple[Tensor, int]:
-    """``n`` images in [-1, 1] on the CPU, drawn in batches with reproducible noise (batch ``i`` seeded ``seed + i``),
-    and the NFE of one batch; ``sampler=None`` uses the module's."""
+    """Images ``start .. start + n - 1`` of the set ``seed``, in [-1, 1] on the CPU, and the NFE of one batch
+    (``sampler=None``: the module's).
+
+    Image ``j`` starts from its own noise (seed ``stream_seed("images", seed, j)``), so a set is the same whatever
+    the batch size and however DDP ranks share it (exactly so for ODE samplers; an SDE's noise is drawn per batch).
+    ``advance(k)`` is told of progress in images, ``k`` at a time, within a batch as the network is evaluated."""
+    sampler = sampler or pl_module.sampler
     out, nfe = [], 0
     for i in range(0, n, batch_size):
         k = min(batch_size, n - i)
+        first = start + i
         yy = None if y is None else y[i : i + k]
-        g = torch.Generator().manual_seed(seed + i)
-        result = pl_module.sample(k, sampler=sampler, y=yy, guidance_scale=scale, generator=g)
+        x0 = torch.cat(
+            [
+                pl_module.draw_source(1, torch.Generator().manual_seed(stream_seed("images", seed, j)))
+                for j in range(first, first + k)
+            ]
+        )
+        g = torch.Generator().manual_seed(stream_seed("images/noise", seed, first))
+        tick = _BatchProgress(advance, k, nfe or sampler.expected_nfe)
+        result = pl_module.sample(
+            k, sampler=sampler, y=yy, guidance_scale=scale, x0=x0, generator=g, on_evaluation=tick.evaluation
+        )
+        tick.done()
         out.append(result.x.float().cpu())
         nfe = result.nfe
     return torch.cat(out), nfe
+
+
+class _BatchProgress:
+    """Progress within one batch of ``k`` images: ``k / expected`` per network evaluation (at most 99% of the batch
+    before it ends), the rest when it ends."""
+
+    def __init__(self, advance: Advance | None, k: int, expected: int | None) -> None:
+        self.advance, self.k, self.told = advance, k, 0.0
+        self.per_evaluation = k / expected if advance is not None and expected else 0.0
+
+    def evaluation(self) -> None:
+        step = min(self.per_evaluation, 0.99 * self.k - self.told)
+        if step > 0:
+            self.told += step
+            self.advance(step)
+
+    def done(self) -> None:
+        if self.advance is not None:
+            self.advance(self.k - self.told)
 
 
 def balanced_labels(n: int, num_classes: int) -> Tensor | None:
@@ -66,26 +107,49 @@ def balanced_labels(n: int, num_classes: int) -> Tensor | None:
     return torch.arange(n) % num_classes
 
 
-def resolve_features(features: str, datamodule) -> str:
-    """``auto`` -> ``classifier`` for labelled one-channel images (MNIST-like), ``inception`` otherwise."""
-    if features == "auto":
-        return "classifier" if datamodule.data_shape[0] == 1 and datamodule.dataset_classes else "inception"
-    return features
+def resolve_features(features: str, datamodule, inception_weights: str | None = None) -> str | None:
+    """The extractor ``features=auto`` stands for: the data's own classifier for labelled one-channel images
+    (MNIST-like, where Inception's photographs say little); otherwise Inception when its weights file is there, else
+    the data's own classifier when the data has labels, else ``None`` (no FID: nothing can make features)."""
+    if features != "auto":
+        if features not in ("inception", "classifier"):
+            raise ConfigError(f"features={features} is unknown; choose auto, inception or classifier")
+        return features
+    labelled = datamodule.dataset_classes >= 2
+    if labelled and datamodule.data_shape[0] == 1:
+        return "classifier"
+    if inception_weights and Path(inception_weights).expanduser().is_file():
+        return "inception"
+    return "classifier" if labelled else None
 
 
 def build_extractor(
     features: str, datamodule, inception_weights: str | None = None, classifier_path: str | None = None
 ) -> tuple[FeatureExtractor, torch.nn.Module | None]:
     """``(extractor, classifier or None)`` for ``features`` = ``inception``, ``classifier`` or ``auto``
-    (a classifier for one-channel images such as MNIST, Inception otherwise)."""
-    features = resolve_features(features, datamodule)
-    if features == "inception":
+    (:func:`resolve_features`); ``auto`` with nothing to make features is a :class:`ConfigError`."""
+    resolved = resolve_features(features, datamodule, inception_weights)
+    if resolved == "inception":
         return InceptionFeatures(inception_weights), None
-    if features == "classifier":
+    if resolved == "classifier":
         clf = load_or_train_classifier(datamodule, classifier_path)
         acc = f"{clf.accuracy:.1%} test accuracy" if clf.accuracy is not None else "accuracy unknown"
         return ClassifierFeatures(clf, name=f"{datamodule.name} classifier ({acc})"), clf
-    raise ValueError(f"unknown features {features!r}; choose auto, inception or classifier")
+    raise ConfigError(no_features_reason(datamodule))
+
+
+def no_features_reason(datamodule) -> str:
+    """Why ``features=auto`` makes no FID for this data, and how to turn it on."""
+    return (
+        f"no FID for data={datamodule.name}: it has no labels to train a classifier on and no Inception weights "
+        "file was given; pass inception_weights=PATH (torch-fidelity's pt_inception-2015-12-05-6726825d.pth) to "
+        "turn it on"
+    )
+
+
+def describe_sampler(sampler, scale: float | None) -> str:
+    """``EulerSampler(steps=100, ...), w = 3`` (``w`` only for a guided model)."""
+    return f"{sampler!r}" + ("" if scale is None else f", w = {scale:g}")
 
 
 class _EveryN(L.Callback):
@@ -140,33 +204,39 @@ class ImageGrid(_EveryN):
         out.mkdir(parents=True, exist_ok=True)
         step = trainer.global_step
         self.last_paths = []
-        for w in scales:
-            images, _ = sample_images(pl_module, n, y, w, self.seed)
-            grid = make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
-            tag = "" if w is None else f"_w{w:g}"
-            path = out / f"step{step:07d}{tag}.png"
-            save_image(grid, path)
-            save_image(grid, out / f"last{tag}.png")
-            self.last_paths.append(path)
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image(f"samples{tag}", grid, global_step=step)
-                elif isinstance(logger, WandbLogger):
-                    logger.log_image(f"samples{tag}", images=[str(path)], step=step)
+        shown = ", ".join("unguided" if w is None else f"w = {w:g}" for w in scales)
+        with progress(f"grids ({n} images at {shown}; {pl_module.sampler!r})", n * len(scales), trainer) as advance:
+            for w in scales:
+                images, _ = sample_images(pl_module, n, y, w, self.seed, advance=advance)
+                grid = make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
+                tag = "" if w is None else f"_w{w:g}"
+                path = out / f"step{step:07d}{tag}.png"
+                save_image(grid, path)
+                save_image(grid, out / f"last{tag}.png")
+                self.last_paths.append(path)
+                for logger in trainer.loggers:
+                    if isinstance(logger, TensorBoardLogger):
+                        logger.experiment.add_image(f"samples{tag}", grid, global_step=step)
+                    elif isinstance(logger, WandbLogger):
+                        logger.log_image(f"samples{tag}", images=[str(path)], step=step)
         return self.last_paths
 
 
 class ImageMetrics(_EveryN):
-    """Log ``val/fid``, ``val/kid`` (and ``val/class_acc`` with a classifier) of ``n`` samples against ``n``
-    training images, next to ``val/fid_floor`` (the same ``n`` real training images against ``n`` held-out ones).
+    """Log ``val/fid``, ``val/kid`` and ``val/kid_std`` (and ``val/class_acc`` with a classifier) of ``n`` samples
+    against ``n`` training images, next to ``val/fid_floor`` and ``val/kid_floor`` (the same ``n`` real training
+    images against ``n`` held-out ones).
+
+    Under DDP each rank takes its contiguous share of the ``n`` real, held-out and generated images (the same images
+    whatever the number of ranks); the metrics gather the shares and are computed once, the floor included.
 
     Args:
-        n: generated and real images per evaluation.
-        features: ``auto`` (classifier for one-channel data, Inception otherwise), ``inception`` or ``classifier``.
+        n: generated, real and held-out images per evaluation (at most the size of each split).
+        features: ``auto`` (:func:`resolve_features`), ``inception`` or ``classifier``.
         inception_weights: path of torch-fidelity's ``pt_inception-2015-12-05-6726825d.pth``.
         classifier_path: a classifier file (default: the cache, trained on first use).
         guidance_scale: the ``w`` of the evaluated samples (default: the model's).
-        kid_subsets: KID's number of subsets.
+        kid_subsets: KID's number of subsets (each of ``min(1000, n // 2)`` images).
         nfe: at the last validation of a run, also ``val/fid_nfe<k>`` (and ``val/class_acc_nfe<k>``) with the model's
             sampler at ``k`` steps for each ``k`` (Euler's for an adaptive solver): quality against NFE.
         extractor: a ready feature extractor (tests); overrides ``features``.
@@ -195,20 +265,28 @@ class ImageMetrics(_EveryN):
         self.classifier: torch.nn.Module | None = None
         self.metric: FeatureFID | None = None
         self.floor: dict[str, float] | None = None
+        self.active = True  # False: features=auto found nothing to make features with (see check)
 
     @property
     def name(self) -> str:
         return self.extractor.name if self.extractor is not None else self.features
 
-    def check(self, datamodule) -> None:
-        """Fail now, in one sentence (:class:`ConfigError`), if the extractor cannot be built."""
-        features = resolve_features(self.features, datamodule)
-        n_ref = len(datamodule)
-        if not 1 <= self.n <= n_ref:
+    def check(self, datamodule) -> bool:
+        """Fail now, in one sentence (:class:`ConfigError`), if the metrics cannot be computed as configured; return
+        whether they will be (``features=auto`` on unlabelled data without Inception weights turns FID off, with a
+        line saying so, rather than stopping a run that did not ask for it)."""
+        sizes = {split: datamodule.split_size(split) for split in ("train", "val")}
+        if not 1 <= self.n <= min(sizes.values()):
             raise ConfigError(
-                f"callbacks.image_metrics.n={self.n} is out of range: set it between 1 and {n_ref}, the number of "
-                f"training images data={datamodule.name} holds (the reference set)"
+                f"callbacks.image_metrics.n={self.n} is out of range: set it between 1 and {min(sizes.values())}; "
+                f"FID compares n samples with n of the {sizes['train']} training images of data={datamodule.name}, "
+                f"and its floor those with n of the {sizes['val']} held-out ones"
             )
+        features = resolve_features(self.features, datamodule, self.inception_weights)
+        if self.extractor is None and features is None:
+            rank_zero_only(print)(f"callbacks.image_metrics: {no_features_reason(datamodule)}", flush=True)
+            self.active = False
+            return False
         if (
             self.extractor is None
             and features == "classifier"
@@ -229,41 +307,65 @@ class ImageMetrics(_EveryN):
                 InceptionFeatures.check(self.inception_weights)
             except MissingWeights as err:
                 raise ConfigError(str(err)) from None
+        return True
 
-    def prepare(self, datamodule, device: torch.device, rank: int = 0) -> None:
-        """Build the extractor, cache the real features and the floor (once). Under DDP only rank 0 adds the real
-        features, so the reduced statistics hold each real image once."""
-        if self.metric is not None:
+    def prepare(self, datamodule, device: torch.device, trainer=None) -> None:
+        """Build the extractor and compute, once, this rank's share of the real features and the floor."""
+        if self.metric is not None or not self.active:
             return
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if self.n < world:
+            raise ConfigError(f"callbacks.image_metrics.n={self.n} is smaller than the {world} DDP ranks sharing it")
         if self.extractor is None:
+            if world > 1 and rank > 0:  # rank 0 trains and caches a missing classifier, the others then read it
+                trainer.strategy.barrier()
             self.extractor, self.classifier = build_extractor(
                 self.features, datamodule, self.inception_weights, self.classifier_path
             )
-        real, _ = datamodule.real_images(self.n, "train")
-        held_out, _ = datamodule.real_images(self.n, "val")
-        self.n_real = len(real)
-        self.metric, self.floor = reference(self.extractor.to(device), real, held_out, self.kid_subsets, rank == 0)
+            if world > 1 and rank == 0:
+                trainer.strategy.barrier()
+        mine = rank_share(self.n, rank, world)
+        count = mine.stop - mine.start
+        real, _ = datamodule.real_images(count, "train", offset=mine.start)
+        held_out, _ = datamodule.real_images(count, "val", offset=mine.start)
+        if rank == 0:
+            print(
+                f"image metrics: FID/KID of {self.n} samples against {self.n} training images, floor {self.n} "
+                f"training vs {self.n} held-out; KID: {self.kid_subsets} subsets of "
+                f"{kid_subset_size(self.n)}; features: {self.extractor.name}"
+                + (f"; split over {world} ranks" if world > 1 else ""),
+                flush=True,
+            )
+        with progress("image metrics: real features", 2 * count, trainer, enabled=rank == 0) as advance:
+            self.metric, self.floor = reference(
+                self.extractor.to(device), real, held_out, self.kid_subsets, n=self.n, advance=advance
+            )
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.prepare(trainer.datamodule, pl_module.device, trainer.global_rank)
+        self.prepare(trainer.datamodule, pl_module.device, trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self.prepare(trainer.datamodule, pl_module.device, trainer.global_rank)
+        self.prepare(trainer.datamodule, pl_module.device, trainer)
 
-    def evaluate(self, pl_module, num_classes: int, rank: int = 0, world: int = 1, sampler=None) -> dict[str, float]:
-        """Generate this rank's share of ``n`` samples (with ``sampler``, default the module's), update and compute
-        (a collective under DDP)."""
+    def evaluate(self, pl_module, num_classes: int, trainer=None, sampler=None) -> dict[str, float]:
+        """Generate this rank's share of the ``n`` samples (with ``sampler``, default the module's), update and
+        compute (a collective under DDP); returns the metrics and ``nfe``."""
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = sampler or pl_module.sampler
         self.metric.reset_fake()
-        share = range(rank, self.n, world)  # the same n images whatever the number of ranks
+        mine = rank_share(self.n, rank, world)
         y_all = balanced_labels(self.n, num_classes)
-        y = None if y_all is None else y_all[list(share)]
-        images, nfe = sample_images(
-            pl_module, len(share), y, self.guidance_scale, self.seed + 7919 * rank, self.batch_size, sampler
-        )
-        if sampler is None:
-            pl_module.sample_nfe = nfe
+        y = None if y_all is None else y_all[mine]
+        scale = self.guidance_scale if self.guidance_scale is not None else getattr(pl_module.guidance, "scale", None)
+        count = mine.stop - mine.start
+        what = f"FID/KID samples ({self.n}; {describe_sampler(sampler, scale if num_classes else None)})"
+        with progress(what, count, trainer, enabled=rank == 0) as advance:
+            images, nfe = sample_images(
+                pl_module, count, y, self.guidance_scale, self.seed, self.batch_size, sampler, mine.start, advance
+            )
         self.metric.update(images, real=False)
-        out = self.metric.compute(n=min(self.n, self.n_real))
+        out = self.metric.compute(n=self.n)
+        out["nfe"] = nfe
         if self.classifier is not None and y is not None:
             correct = (self.classifier.predict(images) == y).float().sum()
             total = torch.tensor(float(len(y)))
@@ -274,10 +376,11 @@ class ImageMetrics(_EveryN):
         return out
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self._due(trainer):
+        if not self._due(trainer) or not self.active:
             return
         num_classes = trainer.datamodule.num_classes if pl_module.guidance is not None else 0
-        out = self.evaluate(pl_module, num_classes, trainer.global_rank, trainer.world_size)
+        out = self.evaluate(pl_module, num_classes, trainer)
+        pl_module.sample_nfe = out.pop("nfe")
         # the values are already reduced over the ranks (torchmetrics' sync, the gathered counts): every rank logs
         # the same number, so checkpoint callbacks monitoring val/fid find it on every rank
         sync = trainer.world_size > 1
@@ -285,10 +388,10 @@ class ImageMetrics(_EveryN):
             pl_module.log(f"val/{key}", value, prog_bar=key == "fid", sync_dist=sync)
         if self.floor is not None:
             pl_module.log("val/fid_floor", self.floor["fid"], sync_dist=sync)
+            pl_module.log("val/kid_floor", self.floor["kid"], sync_dist=sync)
         if self.nfe and final_validation(trainer):
             for k in self.nfe:
-                steps = pl_module.sampler.with_steps(k)
-                out = self.evaluate(pl_module, num_classes, trainer.global_rank, trainer.world_size, steps)
+                out = self.evaluate(pl_module, num_classes, trainer, pl_module.sampler.with_steps(k))
                 for key in ("fid", "class_acc"):
                     if key in out:
                         pl_module.log(f"val/{key}_nfe{k}", out[key], sync_dist=sync)

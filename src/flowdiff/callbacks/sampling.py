@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from flowdiff.metrics import mmd, w2
 from flowdiff.plotting import plot_samples_2d, plt
+from flowdiff.utils import rank_share
 
 
 def _run_dir(trainer: L.Trainer) -> Path:
@@ -35,8 +36,8 @@ def validation_samples(trainer: L.Trainer, pl_module, n: int, seed: int = 1234) 
     n = len(ref["x1"])
     world, rank = trainer.world_size, trainer.global_rank
     x0 = pl_module.draw_source(n, torch.Generator().manual_seed(seed))
-    per = math.ceil(n / world)
-    mine = slice(min(rank * per, n), min((rank + 1) * per, n))
+    mine = rank_share(n, rank, world)
+    per = rank_share(n, 0, world).stop  # the largest share: what every rank pads its samples to
     y = ref["y"][mine] if pl_module.guidance is not None else None
     noise = torch.Generator().manual_seed(seed + 1 + rank)  # SDE noise: per rank
     result = pl_module.sample(x0[mine].shape[0], y=y, x0=x0[mine], generator=noise)

@@ -15,14 +15,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from flowdiff.callbacks.images import balanced_labels, build_extractor, sample_images
+from flowdiff.callbacks.images import balanced_labels, build_extractor, describe_sampler, sample_images
 from flowdiff.checkpointing import check_weights_fit, read_checkpoint
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from, plain_dict, validate
 from flowdiff.data.images import to_uint8, to_unit
 from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
 from flowdiff.metrics import w2
-from flowdiff.metrics.images import MissingWeights, fid_report, reference
+from flowdiff.metrics.images import MissingWeights, fid_report, kid_report, kid_subset_size, reference
 from flowdiff.plotting import plot_samples_2d, plt
+from flowdiff.progress import progress
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compile: bool = False):
@@ -83,6 +84,12 @@ def sample(cfg: DictConfig) -> dict:
     n = int(cfg.n)
     if n < 1:
         raise ConfigError(f"n={n} is invalid: ask for at least one sample")
+    nll_n = int(cfg.get("nll", {}).get("n", 0) or 0)
+    if nll_n > 0 and not dm.gaussian_source:
+        raise ConfigError(
+            f"nll.n={nll_n} needs the density of the source, but this model flows from data.source={dm.source_name}: "
+            "drop nll.n"
+        )
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = {
@@ -96,7 +103,6 @@ def sample(cfg: DictConfig) -> dict:
         metrics.update(_sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir, device))
     else:
         metrics.update(_sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir, device))
-    nll_n = int(cfg.get("nll", {}).get("n", 0) or 0)
     if nll_n > 0:
         metrics.update(_likelihood(cfg, module, dm, nll_n, device))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -118,9 +124,11 @@ def _labels(module, dm, cfg, n: int, reference: torch.Tensor | None) -> torch.Te
     return balanced_labels(n, dm.num_classes)
 
 
-def _timed_sample(module, n, sampler, y, scale, seed: int, device: str, batch_size: int):
+def _timed_sample(module, n, sampler, y, scale, seed: int, device: str, batch_size: int, what: str | None = None):
+    """``n`` samples, their NFE and seconds; ``what`` names a progress bar over them (none for quick 2D draws)."""
     start = time.perf_counter()
-    x, nfe = sample_images(module, n, y, scale, seed, batch_size, sampler=sampler)
+    with progress(what or "", n if what else 0) as advance:
+        x, nfe = sample_images(module, n, y, scale, seed, batch_size, sampler=sampler, advance=advance)
     if device != "cpu":
         torch.cuda.synchronize()
     return x, nfe, time.perf_counter() - start
@@ -160,11 +168,29 @@ def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pa
     return out
 
 
+def _fid_n(cfg, dm, n: int) -> int | None:
+    """The n of the FID and its floor (all ``n`` samples, against ``n`` training and ``n`` held-out images), or
+    ``None`` with ``metrics.fid=false``; an ``n`` larger than either split is one sentence."""
+    if dm.kind != "image" or not (cfg.get("metrics", {}) or {}).get("fid", True):
+        return None
+    sizes = {split: dm.split_size(split) for split in ("train", "val")}
+    if n > min(sizes.values()):
+        raise ConfigError(
+            f"n={n} is larger than data={dm.name} allows for FID: it compares the n samples with n of its "
+            f"{sizes['train']} training images and its floor those with n of its {sizes['val']} held-out ones; set "
+            f"n<={min(sizes.values())}, or metrics.fid=false to only sample"
+        )
+    return n
+
+
 def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Path, device: str) -> dict:
     mcfg = cfg.get("metrics", {}) or {}
+    fid_n = _fid_n(cfg, dm, n)
     y = _labels(module, dm, cfg, n, None)
     batch = int(mcfg.get("batch_size", 500))
-    x, nfe, seconds = _timed_sample(module, n, sampler, y, scale, int(cfg.seed), device, batch)
+    w = scale if scale is not None else getattr(module.guidance, "scale", None)
+    what = f"sampling {n} images ({describe_sampler(sampler, w)})"
+    x, nfe, seconds = _timed_sample(module, n, sampler, y, scale, int(cfg.seed), device, batch, what)
     torch.save({"x": to_uint8(x), "y": y, "nfe": nfe, "sampler": plain_dict(sampler_cfg)}, run_dir / "samples.pt")
     k = min(n, 100 if y is None else 10 * dm.num_classes)
     order = torch.argsort(y[:k], stable=True) if y is not None else torch.arange(k)
@@ -174,7 +200,7 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
     print(f"{sampler!r}: {n} images, NFE {nfe}, {seconds:.1f} s ({n / seconds:.1f} images/s)")
     print(f"grid: {run_dir / 'samples.png'}")
     out.update(_straightness(cfg, module, y, scale, min(n, int((cfg.get("straightness") or {}).get("images", 0) or 0))))
-    if not mcfg.get("fid", True):
+    if fid_n is None:
         return out
     try:
         extractor, classifier = build_extractor(
@@ -182,26 +208,31 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
         )
     except MissingWeights as err:
         raise ConfigError(str(err)) from None
+    subsets = int(mcfg.get("kid_subsets", 100))
+    print(
+        f"FID/KID of the {fid_n} samples against {fid_n} training images, floor {fid_n} training vs {fid_n} held-out; "
+        f"KID: {subsets} subsets of {kid_subset_size(fid_n)}; features: {extractor.name}",
+        flush=True,
+    )
     dev = torch.device(device)
-    real, _ = dm.real_images(n, "train")
-    held_out, _ = dm.real_images(n, "val")
-    metric, floor = reference(extractor.to(dev), real, held_out, int(mcfg.get("kid_subsets", 100)))
-    metric.update(x, real=False)
-    scores = metric.compute()
-    floor_scores = floor or {"fid": float("nan"), "kid": float("nan")}
-    m = min(len(real), len(held_out), n)
+    real, _ = dm.real_images(fid_n, "train")
+    held_out, _ = dm.real_images(fid_n, "val")
+    with progress("FID/KID features", 3 * fid_n) as advance:
+        metric, floor = reference(extractor.to(dev), real, held_out, subsets, n=fid_n, advance=advance)
+        metric.update(x, real=False, advance=advance)
+    scores = metric.compute(fid_n)
     out.update(
         fid=scores["fid"],
         kid=scores["kid"],
         kid_std=scores["kid_std"],
-        fid_floor=floor_scores["fid"],
-        kid_floor=floor_scores["kid"],
-        fid_n=m,
+        fid_floor=floor["fid"],
+        kid_floor=floor["kid"],
+        fid_n=fid_n,
+        kid_subset_size=kid_subset_size(fid_n),
         features=extractor.name,
     )
-    print(fid_report(scores["fid"], floor_scores["fid"], m, extractor.name))
-    if m < n:
-        print(f"note: the data has only {m} held-out images, so the floor uses {m} (generated: {n})")
+    print(fid_report(scores["fid"], floor["fid"], fid_n, extractor.name))
+    print(kid_report(scores["kid"], scores["kid_std"], floor["kid"], fid_n, subsets))
     if classifier is not None and y is not None:
         out["class_acc"] = float((classifier.to(dev).predict(x) == y).float().mean())
         print(f"class accuracy of the samples (classifier's labels vs the requested ones): {out['class_acc']:.3f}")
@@ -209,7 +240,8 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
 
 
 def _likelihood(cfg, module, dm, n: int, device: str) -> dict:
-    """Mean negative log-likelihood of ``n`` held-out points (bits/dim for images) by the probability-flow ODE."""
+    """Mean negative log-likelihood of ``n`` held-out points (bits/dim for images) by the probability-flow ODE, from
+    the distribution the model's sampler starts from (:meth:`FlowModule.start_log_prob`) over its sampling range."""
     lcfg = cfg.nll
     g = torch.Generator().manual_seed(int(cfg.seed))
     if dm.kind == "image":
@@ -221,27 +253,42 @@ def _likelihood(cfg, module, dm, n: int, device: str) -> dict:
     velocity = module.vector_fields().velocity
     t_span = module.objective.sample_time_range(module.path)
     exact = None if lcfg.get("exact") is None else bool(lcfg.exact)
-    parts, nfe = [], 0
-    for i in range(0, len(x), int(lcfg.get("batch_size", 250))):
-        lp, nfe = log_likelihood(
-            velocity,
-            x[i : i + int(lcfg.get("batch_size", 250))],
-            t_span,
-            exact=exact,
-            probes=int(lcfg.get("probes", 1)),
-            rtol=float(lcfg.get("rtol", 1e-5)),
-            atol=float(lcfg.get("atol", 1e-5)),
-            generator=g,
-        )
-        parts.append(lp.cpu())
-    log_prob = torch.cat(parts)
     dims = x[0].numel()
     divergence = (
         "exact" if (exact if exact is not None else dims <= 16) else f"Hutchinson, {lcfg.get('probes', 1)} probe(s)"
     )
-    out = {"nll": float(-log_prob.mean()), "nll_n": len(log_prob), "nll_nfe": nfe, "nll_divergence": divergence}
-    if t_span[0] > 0:
-        out["nll_note"] = f"N(0, I) taken at t = {t_span[0]:g} (the objective's sampling range)"
+    prior = "N(0, I)" if t_span[0] == 0 else "the moment-matched Gaussian of p_t0 (what sampling starts from)"
+    span = f"t in [{t_span[0]:g}, {t_span[1]:g}] from {prior}"
+    if t_span[1] < 1:
+        span += f"; the data is scored as the ODE's state at t = {t_span[1]:g} (the final denoising step is not in it)"
+    print(f"NLL of {len(x)} held-out points by the probability-flow ODE (dopri5, {divergence}): {span}", flush=True)
+    batch = int(lcfg.get("batch_size", 250))
+    parts, nfe = [], 0
+    with progress("NLL", len(x), unit="points") as advance:
+        for i in range(0, len(x), batch):
+            lp, nfe = log_likelihood(
+                velocity,
+                x[i : i + batch],
+                t_span,
+                exact=exact,
+                probes=int(lcfg.get("probes", 1)),
+                rtol=float(lcfg.get("rtol", 1e-5)),
+                atol=float(lcfg.get("atol", 1e-5)),
+                generator=g,
+                prior=lambda x0: module.start_log_prob(x0, t_span[0]),
+            )
+            parts.append(lp.cpu())
+            advance(len(lp))
+    log_prob = torch.cat(parts)
+    out = {
+        "nll": float(-log_prob.mean()),
+        "nll_n": len(log_prob),
+        "nll_nfe": nfe,
+        "nll_divergence": divergence,
+        "nll_t_span": list(t_span),
+        "nll_prior": prior,
+        "nll_note": span,
+    }
     if dm.kind == "image":
         out["bits_per_dim"] = float(bits_per_dim(log_prob, dims).mean())
         out["dequantisation"] = "uniform: x = 2 (pixel + U) / 256 - 1"

@@ -32,7 +32,7 @@ from flowdiff.checkpointing import AtomicCheckpointIO, check_weights_fit, read_c
 from flowdiff.cli import device_count
 from flowdiff.cli.build import build_datamodule, build_module, load_teacher
 from flowdiff.errors import ConfigError, NonFiniteLoss, TrainingInterrupted
-from flowdiff.metrics.images import fid_report
+from flowdiff.metrics.images import fid_report, kid_report
 from flowdiff.sweeps import JOB_RECORD
 
 log = logging.getLogger("flowdiff")
@@ -42,12 +42,15 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def build_callbacks(cfg: DictConfig, data_kind: str | None = None) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, datamodule=None) -> list[L.Callback]:
     """Instantiate ``cfg.callbacks`` (entries set to null are off), in the order below.
 
     Callbacks made for one kind of data (``data_kinds``: the 2D plot and W2 for vectors, grids and FID for
-    images) are dropped for the other, so one callback config serves both.
+    images) are dropped for the other, so one callback config serves both. Image metrics are checked against the
+    data now (a missing weights file is one sentence, not an error after the first epoch); ones that cannot be
+    computed and were not asked for explicitly are dropped with a line saying so.
     """
+    data_kind = getattr(datamodule, "kind", None)
     specs = {k: v for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
     for name, spec in specs.items():
         if "_target_" not in spec:
@@ -61,6 +64,7 @@ def build_callbacks(cfg: DictConfig, data_kind: str | None = None) -> list[L.Cal
         key=lambda c: 2 if isinstance(c, (ModelCheckpoint, CheckpointOnSignal)) else isinstance(c, WeightAveraging),
     )
     callbacks = [c for c in callbacks if data_kind is None or data_kind in getattr(c, "data_kinds", (data_kind,))]
+    callbacks = [c for c in callbacks if datamodule is None or not isinstance(c, ImageMetrics) or c.check(datamodule)]
     for c in callbacks:  # monitor=auto: the headline metric of the data kind, if a callback computes it
         if isinstance(c, ModelCheckpoint) and c.monitor == "auto":
             metric = {"vector": (DistributionMetrics, "val/w2"), "image": (ImageMetrics, "val/fid")}.get(data_kind)
@@ -111,10 +115,7 @@ def fit(cfg: DictConfig):
     module = build_module(cfg, datamodule, teacher)
     if ckpt_path is not None:  # a missing, truncated, foreign or mismatched file: one sentence, before Lightning
         check_weights_fit(module, read_checkpoint(ckpt_path, "ckpt_path"), ckpt_path, "ckpt_path")
-    callbacks = build_callbacks(cfg, datamodule.kind)
-    for c in callbacks:
-        if isinstance(c, ImageMetrics):
-            c.check(datamodule)  # a missing weights file is one sentence now, not after the first epoch
+    callbacks = build_callbacks(cfg, datamodule)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -172,6 +173,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             lines.append(
                 "val/" + fid_report(metrics["val/fid"], floor.get("fid", math.nan), image_metrics.n, image_metrics.name)
             )
+            if "val/kid" in metrics:
+                kid = (metrics["val/kid"], metrics.get("val/kid_std", math.nan), floor.get("kid", math.nan))
+                lines.append("val/" + kid_report(*kid, image_metrics.n, image_metrics.kid_subsets))
             if "val/class_acc" in metrics:
                 lines.append(
                     f"val/class_acc = {metrics['val/class_acc']:.3f} (classifier's labels of class-conditional samples)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,13 +11,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from flowdiff.data.toys import Toy, build_toy
+from flowdiff.utils import stream_seed
 
 
 def batch_seed(seed: int, rank: int, index: int) -> int:
     """The seed of training batch ``index`` on DDP rank ``rank``: a counter-based stream, so any batch can be drawn
     again without replaying the ones before it (what an exact resume needs)."""
-    digest = hashlib.blake2b(f"flowdiff/{seed}/{rank}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return stream_seed(seed, rank, index)
 
 
 class _FreshBatches(IterableDataset):

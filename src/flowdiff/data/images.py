@@ -15,6 +15,7 @@ that names the files expected under ``root``.
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -397,6 +398,25 @@ class ImageDataModule(L.LightningDataModule):
         if not xs:
             return torch.zeros(0, *self.data_shape), torch.zeros(0, dtype=torch.long)
         return torch.cat(xs), torch.cat(ys)
+
+    def split_size(self, split: str) -> int:
+        """How many images ``split`` (``train`` or ``val``) holds."""
+        self.setup()
+        return len(self._train if split == "train" else self._val)
+
+    def fingerprint(self) -> str:
+        """Everything that decides what :meth:`real_images` gives: the dataset, its files (path, size and mtime of
+        each), the split and every preparation step (size, padding, channels). Caches of things trained on the data
+        (the FID classifier) are keyed by it."""
+        if self.name == "image_folder":
+            files = [path for path, _ in self._scan.samples]
+            split = f"val_fraction={self.val_fraction}|seed={self.seed}"
+        else:
+            files = [str(self.root / f) for f in EXPECTED_FILES[self.name]]
+            split = "torchvision"
+        stats = [f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files]
+        prep = f"image_size={self.image_size}|pad={self.pad}|channels={self._channels}|labels={self._classes}"
+        return "|".join([self.name, str(self.root.resolve()), split, prep, *stats])
 
     def data_moments(self, n: int = 2_000) -> tuple[Tensor, Tensor]:
         """Per-pixel mean and variance ``(C, H, W)`` of up to ``n`` training images, in the model's [-1, 1] scale."""

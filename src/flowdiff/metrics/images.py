@@ -1,16 +1,19 @@
 """FID and KID of images through torchmetrics, with a feature extractor that is named and swappable.
 
-* :class:`InceptionFeatures`: torch-fidelity's InceptionV3 (the network every published FID uses), read
-  from a local weights file (``pt_inception-2015-12-05-6726825d.pth``); nothing is downloaded.
-* :class:`ClassifierFeatures`: the penultimate layer of a small digit classifier trained on the data
-  (:mod:`flowdiff.metrics.classifier`), an offline "classifier FID" for MNIST-like data.
+* :class:`InceptionFeatures`: torch-fidelity's own ``FeatureExtractorInceptionV3`` (the network and the input
+  pipeline of torch-fidelity, torchcfm and the TF1 reference: TF1's bilinear resize to 299, ``(x - 128) / 128``),
+  read from a local weights file (``pt_inception-2015-12-05-6726825d.pth``); nothing is downloaded.
+* :class:`ClassifierFeatures`: the penultimate layer of a small classifier trained on the data
+  (:mod:`flowdiff.metrics.classifier`), an offline "classifier FID".
 * :class:`FeatureFID` computes FID and KID (torchmetrics' ``FrechetInceptionDistance`` and
   ``KernelInceptionDistance``) from features computed once per image, so both metrics share them.
-  torchmetrics keeps sums of features as metric states, so under DDP every rank updates with its own
-  images and ``compute`` reduces over ranks once.
+  Under DDP every rank updates with its own disjoint share of the real and the generated images, and
+  ``compute`` gathers the shares (in rank order, so contiguous shares give the one-process order) once.
 
-Every FID should be printed beside its floor (FID between two disjoint real sets of the same size, which
-no model can beat at that size) and the extractor's name; :func:`fid_report` formats that line.
+KID is the mean over ``kid_subsets`` random subsets of size ``min(kid_subset_size, n // 2)`` of each set, drawn
+from a fixed seed (the global RNG is left untouched); ``kid_std`` is the spread over those subsets, i.e. of KID at
+that subset size. Every FID should be printed beside its floor (FID between two disjoint real sets of the same
+size, which no model can beat at that size) and the extractor's name; :func:`fid_report` formats that line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from flowdiff.data.images import to_uint8
+from flowdiff.progress import Advance
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -42,17 +46,18 @@ class FeatureExtractor(nn.Module):
 
 
 class InceptionFeatures(FeatureExtractor):
-    """The 2048-d pool features of torch-fidelity's InceptionV3 (uint8 input, resized to 299 inside)."""
+    """The 2048-d pool features of torch-fidelity's InceptionV3: images in [-1, 1] become uint8 pixels (one channel
+    repeated to RGB, as torch-fidelity's image loader does), which torch-fidelity resizes and scales itself."""
 
     num_features = 2048
 
     def __init__(self, weights_path: str | Path | None) -> None:
         super().__init__()
         path = self.check(weights_path)
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=[str(self.num_features)], feature_extractor_weights_path=str(path)
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
         )
         self.name = f"InceptionV3 ({path.name})"
 
@@ -73,7 +78,7 @@ class InceptionFeatures(FeatureExtractor):
         u8 = to_uint8(x)
         if u8.shape[1] == 1:
             u8 = u8.expand(-1, 3, -1, -1)
-        return self.net(u8)
+        return self.net(u8)[0]
 
 
 class ClassifierFeatures(FeatureExtractor):
@@ -100,18 +105,30 @@ class _Precomputed(nn.Module):
         return features
 
 
+def kid_subset_size(n: int, largest: int = 1000) -> int:
+    """KID's subset size for ``n`` images per set: at most half of them (so that the subsets differ and ``kid_std``
+    is a spread), at most ``largest`` (torch-fidelity's and torchmetrics' 1000), at least 2."""
+    return max(2, min(largest, n // 2))
+
+
 class FeatureFID(nn.Module):
     """FID and KID between real and generated images in one feature space.
 
     Args:
         extractor: images -> features.
-        kid_subset_size: KID's subset size (lowered to the sample count when fewer are given).
+        kid_subset_size: the largest KID subset size (each compute uses :func:`kid_subset_size` of its ``n``).
         kid_subsets: KID's number of subsets (torchmetrics' default 100; its cost grows linearly).
         batch_size: images per extractor forward.
+        seed: the KID subsets' seed (drawn in a forked RNG: the training stream is not touched).
     """
 
     def __init__(
-        self, extractor: FeatureExtractor, kid_subset_size: int = 1000, kid_subsets: int = 100, batch_size: int = 250
+        self,
+        extractor: FeatureExtractor,
+        kid_subset_size: int = 1000,
+        kid_subsets: int = 100,
+        batch_size: int = 250,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.extractor = extractor.eval()
@@ -122,27 +139,30 @@ class FeatureFID(nn.Module):
             feature=_Precomputed(dim), subsets=kid_subsets, subset_size=kid_subset_size, reset_real_features=False
         )
         self.kid_subset_size = kid_subset_size
+        self.seed = seed
 
     @property
     def name(self) -> str:
         return self.extractor.name
 
     @torch.no_grad()
-    def features(self, images: Tensor) -> Tensor:
-        """Features ``(N, D)`` (float64) of images ``(N, C, H, W)`` in [-1, 1], in batches, on the metric's device."""
+    def features(self, images: Tensor, advance: Advance | None = None) -> Tensor:
+        """Features ``(N, D)`` (float64) of images ``(N, C, H, W)`` in [-1, 1], in batches, on the metric's device;
+        ``advance(k)`` is told of each batch of ``k`` images (a progress bar)."""
         device = self.fid.device
-        parts = [
-            self.extractor(images[i : i + self.batch_size].to(device)).double()
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return torch.cat(parts)
+        parts = []
+        for i in range(0, len(images), self.batch_size):
+            parts.append(self.extractor(images[i : i + self.batch_size].to(device)).double())
+            if advance is not None:
+                advance(len(parts[-1]))
+        return torch.cat(parts) if parts else torch.zeros(0, self.extractor.num_features, device=device)
 
     def update_features(self, features: Tensor, real: bool) -> None:
         self.fid.update(features, real=real)
         self.kid.update(features, real=real)
 
-    def update(self, images: Tensor, real: bool) -> None:
-        self.update_features(self.features(images), real)
+    def update(self, images: Tensor, real: bool, advance: Advance | None = None) -> None:
+        self.update_features(self.features(images, advance), real)
 
     def reset_fake(self) -> None:
         """Forget the generated images, keep the real ones (their features are computed once)."""
@@ -150,14 +170,16 @@ class FeatureFID(nn.Module):
         self.kid.reset()
 
     def compute(self, n: int | None = None) -> dict[str, float]:
-        """``fid``, ``kid`` and ``kid_std`` over everything updated so far (reduced over DDP ranks).
+        """``fid``, ``kid`` and ``kid_std`` over everything updated so far (gathered over DDP ranks: a collective).
 
-        ``n``: the smaller of the real and generated counts over all ranks (KID's subsets cannot be larger); by
-        default this process's counts, right when a single process holds everything."""
+        ``n``: the number of real and of generated images over all ranks (each set holds ``n``); by default this
+        process's counts, right when a single process holds everything."""
         if n is None:
             n = min(int(self.fid.real_features_num_samples), int(self.fid.fake_features_num_samples))
-        self.kid.subset_size = min(self.kid_subset_size, n)
-        kid_mean, kid_std = self.kid.compute()
+        self.kid.subset_size = kid_subset_size(n, self.kid_subset_size)
+        with torch.random.fork_rng(devices=[]):  # torchmetrics draws KID's subsets from the global RNG
+            torch.manual_seed(self.seed)
+            kid_mean, kid_std = self.kid.compute()
         return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
@@ -170,24 +192,38 @@ def fid_between(extractor: FeatureExtractor, a: Tensor, b: Tensor, kid_subsets: 
 
 
 def reference(
-    extractor: FeatureExtractor, real: Tensor, held_out: Tensor, kid_subsets: int = 100, add_real: bool = True
-) -> tuple[FeatureFID, dict[str, float] | None]:
-    """A :class:`FeatureFID` holding the features of the ``real`` images (computed once; ``add_real=False`` leaves
-    them out, for DDP ranks other than 0) and the floor: FID and KID of ``real`` against ``held_out``, two disjoint
-    real sets (``None`` with fewer than two held-out images)."""
+    extractor: FeatureExtractor,
+    real: Tensor,
+    held_out: Tensor,
+    kid_subsets: int = 100,
+    n: int | None = None,
+    advance: Advance | None = None,
+) -> tuple[FeatureFID, dict[str, float]]:
+    """A :class:`FeatureFID` holding the features of the ``real`` images (computed once) and the floor: FID and KID
+    of ``real`` against ``held_out``, two disjoint real sets of the same size.
+
+    Under DDP ``real`` and ``held_out`` are this rank's shares and ``n`` the size of each whole set: the floor is
+    computed once over the gathered shares (a collective), each image counted once."""
+    if len(real) != len(held_out):
+        raise ValueError(f"the floor compares sets of one size, got {len(real)} real and {len(held_out)} held-out")
     device = next(extractor.parameters(), torch.zeros(())).device
     metric = FeatureFID(extractor, kid_subsets=kid_subsets).to(device)
-    real_features = metric.features(real)
-    if add_real:
-        metric.update_features(real_features, real=True)
-    if len(held_out) < 2:
-        return metric, None
+    real_features = metric.features(real, advance)
+    metric.update_features(real_features, real=True)
     floor = FeatureFID(extractor, kid_subsets=kid_subsets).to(device)
     floor.update_features(real_features, real=True)
-    floor.update(held_out, real=False)
-    return metric, floor.compute()
+    floor.update(held_out, real=False, advance=advance)
+    return metric, floor.compute(n)
 
 
 def fid_report(fid: float, floor: float, n: int, extractor: str) -> str:
     """One line: the FID, its real-vs-real floor at the same ``n`` and the feature extractor."""
     return f"FID {fid:.2f} (real-vs-real floor {floor:.2f}; n = {n}; features: {extractor})"
+
+
+def kid_report(kid: float, kid_std: float, floor: float, n: int, subsets: int) -> str:
+    """One line: KID with its spread over subsets, its floor, and the subsets it was averaged over."""
+    return (
+        f"KID {kid:.4f} ± {kid_std:.4f} (real-vs-real floor {floor:.4f}; mean and sd over {subsets} subsets of "
+        f"{kid_subset_size(n)} of the n = {n})"
+    )

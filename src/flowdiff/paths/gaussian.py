@@ -104,15 +104,40 @@ class GaussianPath:
         alpha, beta = sched[:2]
         return PathSample(x_t=alpha * z + beta * eps, t=t, **targets)
 
-    def source_at(self, eps: Tensor, t: float, mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
-        """Move a source draw ``eps ~ N(0, I)`` to the start time ``t > 0`` of sampling: the Gaussian with the first
-        two moments of the marginal ``p_t``, ``alpha_t mean + sqrt(beta_t^2 + alpha_t^2 var) eps``, for data of
-        per-coordinate ``mean`` and ``var`` (shaped like one sample); without them ``beta_t eps``."""
-        s = self.schedule(torch.full((1,), float(t), dtype=eps.dtype, device=eps.device))
+    def sigma(self, t: Tensor) -> Tensor:
+        """EDM's noise level ``sigma_t = beta_t / alpha_t`` (``x_t / alpha_t = z + sigma_t eps``): infinite at t = 0
+        (where ``alpha_0 = 0``), 0 at t = 1, decreasing in between on every schedule."""
+        s = self.schedule(t)
+        return s.beta / s.alpha
+
+    def time_at_sigma(self, sigma: Tensor, iterations: int = 60) -> Tensor:
+        """The time ``t`` at which ``sigma_t = sigma`` (bisection in float64; 0 for a ``sigma`` above ``sigma_0``): how
+        a grid or a distribution in EDM's sigma maps to the course's time on this path."""
+        target = torch.as_tensor(sigma, dtype=torch.float64)
+        lo, hi = torch.zeros_like(target), torch.ones_like(target)
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            noisier = self.sigma(mid) > target
+            lo, hi = torch.where(noisier, mid, lo), torch.where(noisier, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def source_moments(
+        self, t: float, like: Tensor, mean: Tensor | None = None, var: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(loc, scale)`` of the Gaussian that sampling starts from at ``t > 0``: the first two moments of the
+        marginal ``p_t``, ``N(alpha_t mean, (beta_t^2 + alpha_t^2 var) I)``, for data of per-coordinate ``mean`` and
+        ``var`` (shaped like one sample); without them ``N(0, beta_t^2 I)``. On ``like``'s device and dtype."""
+        s = self.schedule(torch.full((1,), float(t), dtype=like.dtype, device=like.device))
         if mean is None or var is None:
-            return s.beta * eps
-        mean, var = mean.to(eps), var.to(eps)
-        return s.alpha * mean + torch.sqrt(s.beta**2 + s.alpha**2 * var) * eps
+            return torch.zeros_like(s.beta), s.beta
+        mean, var = mean.to(like), var.to(like)
+        return s.alpha * mean, torch.sqrt(s.beta**2 + s.alpha**2 * var)
+
+    def source_at(self, eps: Tensor, t: float, mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
+        """Move a source draw ``eps ~ N(0, I)`` to the start time ``t > 0`` of sampling: ``loc + scale eps`` with the
+        moments of :meth:`source_moments`."""
+        loc, scale = self.source_moments(t, eps, mean, var)
+        return loc + scale * eps
 
     def convert(self, prediction: Tensor, src: str, dst: str, x_t: Tensor, t: Tensor) -> Tensor:
         """Turn a ``src`` prediction at ``(x_t, t)`` into the ``dst`` one by exact algebra on the path:
