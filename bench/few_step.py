@@ -39,8 +39,8 @@ MODELS = {
 }
 
 
-def train(data: str, name: str, out: Path, steps: int, seed: int) -> dict:
-    folder, overrides, teacher_of, _ = MODELS[name]
+def train(data: str, name: str, out: Path, steps: int, seed: int, models: dict = MODELS) -> dict:
+    folder, overrides, teacher_of, _ = models[name]
     run = out / data / folder
     cmd = [sys.executable, str(ROOT / "train.py"), f"data={data}", f"seed={seed}", *overrides]
     cmd += [f"trainer.max_steps={steps}", f"data.steps_per_epoch={steps}", f"hydra.run.dir={run}"]

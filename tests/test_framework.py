@@ -336,3 +336,15 @@ def test_samplers_defaults_are_their_config_files():
         default = build_sampler(name, path=path)
         for key, value in spec.items():
             assert getattr(default, key) == value, (name, key)
+
+
+def test_curricula_defaults_are_their_config_files():
+    """curriculum=ict and curriculum=song build the classes' defaults (the files list them so that they can be set
+    without a +)."""
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+
+    for file in (CONF / "curriculum").glob("*.yaml"):
+        spec = OmegaConf.load(file)
+        built, default = instantiate(spec), get_class(spec._target_)()
+        assert vars(built) == vars(default) and set(spec) - {"_target_"} <= set(vars(default)), file.name

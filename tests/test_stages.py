@@ -10,9 +10,15 @@ from flowdiff.errors import ConfigError
 from flowdiff.module import FlowModule
 from flowdiff.nets import MLP
 from flowdiff.objectives import Objective
-from flowdiff.paths import CondOTSchedule, GaussianPath
+from flowdiff.paths import CondOTSchedule, CosineSchedule, GaussianPath
 from flowdiff.samplers import ConsistencySampler, build_sampler
-from flowdiff.stages.consistency import ConsistencyModule, consistency_problem, training_points
+from flowdiff.stages.consistency import (
+    ConsistencyModule,
+    ImprovedCurriculum,
+    SongCurriculum,
+    consistency_problem,
+    training_points,
+)
 from flowdiff.stages.trajectories import make_trajectories
 from helpers import FAST, compose_cfg
 from test_samplers import GaussianOracle
@@ -77,11 +83,35 @@ def test_consistency_training_schedule_follows_song_et_al():
     """N(k) from s0 points at step 0 to s1 + 1 at the end, never decreasing; mu(N) = exp(s0 log mu0 / N)."""
     points = [training_points(k, 1000, 2, 150) for k in range(0, 1001, 50)]
     assert points[0] == 2 and points[-1] == 151 and points == sorted(points)
-    module = _module(CondOTSchedule())  # improved CT's default: the target is the online network (mu = 0)
+    module = _module(CondOTSchedule())
+    module.curriculum = SongCurriculum()  # with improved CT's target: the online network (mu0 = 0)
     assert module.teacher is None and module.schedule(step=0) == (1, 0.0)
-    module.mu0 = 0.9  # Song et al.'s: mu(N) = exp(s0 log mu0 / N), mu0 at the start (N = s0 = 2 points)
+    module.curriculum = SongCurriculum(mu0=0.9)  # Song et al.'s: mu(N) = exp(s0 log mu0 / N), mu0 at N = s0 = 2
     intervals, mu = module.schedule(step=0)
     assert intervals == 1 and mu == pytest.approx(0.9)
+
+
+def test_improved_curriculum_is_song_and_dhariwals_on_the_path():
+    """iCT (Song & Dhariwal 2023): N doubles from 10 to 1280 intervals in log2(128) + 1 = 8 stages of K / 8 steps;
+    the grid is Karras et al.'s in sigma = beta / alpha (rho 7, 0.002 to 80) at the times where the path has those
+    sigmas; intervals are drawn with the lognormal's mass between their ends, and weighted 1 / (sigma_i -
+    sigma_{i+1})."""
+    import math
+
+    ict = ImprovedCurriculum()
+    assert [ict.points(k, 8000) for k in (0, 999, 1000, 2000, 6999, 7000, 8000)] == [11, 11, 21, 41, 641, 1281, 1281]
+    path = GaussianPath(CosineSchedule())
+    times = ict.times(11, path, 0.0, 1.0)
+    assert (times.diff() > 0).all()
+    ramp = torch.linspace(1, 0, 11, dtype=torch.float64)
+    karras = (0.002 ** (1 / 7) + ramp * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    torch.testing.assert_close(path.sigma(times), karras, rtol=1e-9, atol=0)
+    torch.testing.assert_close(ict.weights(path, times), 1 / (karras[:-1] - karras[1:]))
+    drawn = ict.draw(times, 200_000, torch.Generator().manual_seed(0))
+    cdf = torch.tensor([0.5 * (1 + math.erf((math.log(s) + 1.1) / (2 * math.sqrt(2)))) for s in karras.tolist()])
+    expected = (cdf[:-1] - cdf[1:]).float()
+    seen = torch.bincount(drawn, minlength=10) / len(drawn)
+    torch.testing.assert_close(seen, expected / expected.sum(), atol=4e-3, rtol=0)
 
 
 # ---------------------------------------------------------------- samplers
@@ -206,7 +236,7 @@ def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(tea
             r"objective=cfm with the SqrtSchedule: .*; use path=condot or path=cosine",
         ),
         (["stage=consistency", "teacher=TEACHER", "guidance=cfg"], r"the teacher was trained with guidance=none"),
-        (["stage=consistency", "teacher=TEACHER", "consistency.s0=1"], r"consistency settings out of range"),
+        (["stage=consistency", "teacher=TEACHER", "consistency.curriculum.s0=1"], r"consistency settings out of range"),
         (["stage=consistency", "data=8gaussians", "teacher=TEACHER"], r"teacher was trained on data=moons"),
     ],
 )
@@ -235,3 +265,17 @@ def test_one_step_students_meet_their_targets_against_the_teacher(tmp_path):
     assert distilled["val/w2_nfe1"] < 1.3 * reference, (distilled["val/w2_nfe1"], reference)
     assert consistency["val/w2_nfe1"] < 2.0 * reference, (consistency["val/w2_nfe1"], reference)
     assert teacher["val/w2_nfe1"] > 2 * reference  # one step of the teacher itself is far off
+
+
+def test_checkpoints_from_before_curricula_train_with_song_et_al():
+    """A consistency run's stored config from before curricula were a choice (s0, s1, mu0 beside the other settings)
+    rebuilds with Song et al.'s curriculum and those values; today's configs name theirs."""
+    from omegaconf import OmegaConf
+
+    from flowdiff.cli.build import consistency_curriculum
+
+    old = OmegaConf.create({"intervals": 18, "s0": 3, "s1": 40, "mu0": 0.5, "loss": "l2"})
+    built = consistency_curriculum(old)
+    assert isinstance(built, SongCurriculum) and (built.s0, built.s1, built.mu0) == (3, 40, 0.5)
+    new = OmegaConf.create({"curriculum": {"_target_": "flowdiff.stages.consistency.ImprovedCurriculum", "s0": 4}})
+    assert isinstance(consistency_curriculum(new), ImprovedCurriculum) and consistency_curriculum(new).s0 == 4

@@ -22,7 +22,7 @@ from flowdiff.module import FlowModule
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianPath, NoisyInterpolantPath
 from flowdiff.samplers import SAMPLERS, Sampler, build_sampler
-from flowdiff.stages.consistency import ConsistencyModule, consistency_problem
+from flowdiff.stages.consistency import ConsistencyModule, SongCurriculum, consistency_problem
 from flowdiff.stages.distill import DistillationModule
 from flowdiff.stages.reflow import ReflowCoupling
 from flowdiff.stages.trajectories import load_or_make_trajectories, on_grid
@@ -295,6 +295,17 @@ def validate(cfg: DictConfig, datamodule) -> None:
         raise ConfigError(f"coupling.by_label=true needs labelled data, but data={datamodule.name} has none")
 
 
+def consistency_curriculum(settings: DictConfig):
+    """Consistency training's curriculum; a checkpoint written before curricula were a choice (its ``s0``, ``s1``,
+    ``mu0`` beside the other settings) trained with Song et al.'s."""
+    if "curriculum" in settings:
+        try:
+            return instantiate(settings.curriculum)
+        except InstantiationException as err:
+            raise ConfigError(str(err.__cause__ or err)) from None
+    return SongCurriculum(settings.s0, settings.s1, settings.mu0)
+
+
 def build_net(cfg: DictConfig, data_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
     """``cfg.net`` for data of ``data_shape``; a net that does not fit the data is one sentence."""
     try:
@@ -344,8 +355,9 @@ def build_module(cfg: DictConfig, datamodule, teacher: Teacher | None = None) ->
                 f"{problem}; {fix}"
             )
         cls, settings = ConsistencyModule, cfg.consistency
-        keys = ("intervals", "target_decay", "s0", "s1", "mu0", "loss", "teacher_solver")
+        keys = ("intervals", "target_decay", "loss", "teacher_solver")
         extra = {k: settings[k] for k in keys} | {"teacher": teacher.module if teacher is not None else None}
+        extra["curriculum"] = consistency_curriculum(settings)
     try:
         module = cls(
             net=net,
