@@ -44,7 +44,9 @@ def main() -> None:
     start = time.perf_counter()
     results = {
         task: {
-            label: [train(data, label, args.out / f"seed{seed}", args.steps, seed, curricula(data)) for seed in args.seeds]
+            label: [
+                train(data, label, args.out / f"seed{seed}", args.steps, seed, curricula(data)) for seed in args.seeds
+            ]
             for label in curricula(data)
         }
         for task, data in TASKS.items()

@@ -299,7 +299,10 @@ def test_features_auto_never_stops_a_run_that_did_not_ask_for_them(tmp_path, mon
     metrics = train(compose_cfg([*common, f"data.root={labelled}", "guidance=cfg"], tmp_path / "a"))
     printed = capsys.readouterr().out
     assert metrics["val/fid"] > 0 and 0 <= metrics["val/class_acc"] <= 1
-    assert "features: image_folder classifier" in printed and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert "features: image_folder classifier" in printed and "training the image_folder classifier once" in printed
+    (cached,) = (tmp_path / "cache").glob("*.pt")
+    stored = torch.load(cached, weights_only=False)
+    assert (stored["in_channels"], stored["num_classes"]) == (3, 3)  # the data's own: colour, three classes
     unlabelled = _colour_folder(tmp_path / "unlabelled", ["all"])
     metrics = train(compose_cfg([*common, f"data.root={unlabelled}", "data.labels=false"], tmp_path / "b"))
     printed = capsys.readouterr().out

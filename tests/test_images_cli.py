@@ -92,7 +92,7 @@ def test_sample_fid_and_its_floor_share_one_n(image_run, tmp_path, capsys):
     m = sample(compose_cfg([*args, "n=40", "metrics.kid_subsets=4"], tmp_path / "ok", config="sample"))
     printed = capsys.readouterr().out
     assert m["fid_n"] == 40 and m["kid_subset_size"] == 20 and "n = 40;" in printed
-    assert "FID/KID of the 40 samples against 40 training images, floor 40 training vs 40 held-out" in printed
+    assert "FID/KID of 40 samples against 40 training images, floor 40 training vs 40 held-out" in printed
     assert "sampling 40 images (EulerSampler(steps=1" in printed and "w = " in printed
     assert "FID/KID features: 120/120 in" in printed
 

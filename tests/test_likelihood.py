@@ -105,3 +105,24 @@ def test_likelihood_starts_where_the_sampler_starts(objective, margins):
     torch.testing.assert_close(log_p, exact, atol=1e-4, rtol=0)
     standard, _ = log_likelihood(velocity, x, (t0, t1), exact=True, rtol=1e-8, atol=1e-8)
     assert (standard - exact).abs().mean() > 0.1
+
+
+def test_the_prior_is_the_law_the_sampler_starts_from():
+    """What sampling draws at t0 > 0 (FlowModule._start_at of N(0, I)) has the mean and variance of the density the
+    likelihood starts from (start_log_prob): both come from GaussianPath.source_moments."""
+    from flowdiff.module import FlowModule
+    from flowdiff.objectives import Objective
+    from flowdiff.paths import CosineSchedule, GaussianPath
+
+    net = torch.nn.Linear(3, 3).double()
+    module = FlowModule(
+        net, GaussianPath(CosineSchedule()), Objective("noise"), (3,), data_moments=lambda: (MU, STD**2)
+    )
+    t0 = 0.3
+    x = module._start_at(torch.randn(400_000, 3, dtype=torch.float64), t0)
+    loc, scale = module.path.source_moments(t0, x, MU, STD**2)
+    torch.testing.assert_close(x.mean(0), loc.squeeze(0), atol=0.01, rtol=0)
+    torch.testing.assert_close(x.std(0), scale.squeeze(0), atol=0.01, rtol=0)
+    # the prior is the Gaussian of those moments: its log-density at the draws averages to minus its entropy
+    entropy = (0.5 * math.log(2 * math.pi * math.e) + scale.log()).sum()
+    assert float(module.start_log_prob(x, t0).mean()) == pytest.approx(-float(entropy), abs=0.01)

@@ -68,3 +68,18 @@ def test_disabled_progress_says_nothing(capsys):
     with progress("rank 1", 10, enabled=False) as advance:
         advance(10)
     assert capsys.readouterr().out == ""
+
+
+def test_time_left_after_a_resume_counts_this_processs_pace(monkeypatch, capsys):
+    """A run resumed at step 50 of 100 that did 10 steps in its first 10 s has 40 s left, not the 6.7 s that counting
+    the 50 steps before the resume would give."""
+    import flowdiff.progress as p
+
+    clock = iter([0.0, 10.0, 10.0])
+    monkeypatch.setattr(p.time, "perf_counter", lambda: next(clock))
+    lines = p.LogLines("training", 100, every_s=5, unit="steps", done=50)
+    lines.update(60)
+    assert capsys.readouterr().out.splitlines() == [
+        "training: 50/100 steps ...",
+        "training: 60/100 steps, 0:00:10 elapsed, about 0:00:40 left",
+    ]

@@ -303,7 +303,7 @@ def mnist(tmp_path_factory):
         (["net=mlp"], r"net=mlp is for vectors, but the data has shape \(1, 28, 28\): use net=unet for images"),
         (
             ["callbacks.image_metrics.n=100"],
-            r"callbacks.image_metrics.n=100 is out of range: set it between 1 and 32; .* 64 training .* 32 held-out",
+            r"callbacks.image_metrics.n=100 is out of range: set it between 4 and 32; .* 64 training .* 32 held-out",
         ),
         (
             ["callbacks.image_metrics.classifier_path={root}/clf3.pt"],

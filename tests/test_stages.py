@@ -105,7 +105,7 @@ def test_improved_curriculum_is_song_and_dhariwals_on_the_path():
     assert (times.diff() > 0).all()
     ramp = torch.linspace(1, 0, 11, dtype=torch.float64)
     karras = (0.002 ** (1 / 7) + ramp * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
-    torch.testing.assert_close(path.sigma(times), karras, rtol=1e-9, atol=0)
+    torch.testing.assert_close(path.noise_to_signal(times), karras, rtol=1e-9, atol=0)
     torch.testing.assert_close(ict.weights(path, times), 1 / (karras[:-1] - karras[1:]))
     drawn = ict.draw(times, 200_000, torch.Generator().manual_seed(0))
     cdf = torch.tensor([0.5 * (1 + math.erf((math.log(s) + 1.1) / (2 * math.sqrt(2)))) for s in karras.tolist()])
@@ -279,3 +279,35 @@ def test_checkpoints_from_before_curricula_train_with_song_et_al():
     assert isinstance(built, SongCurriculum) and (built.s0, built.s1, built.mu0) == (3, 40, 0.5)
     new = OmegaConf.create({"curriculum": {"_target_": "flowdiff.stages.consistency.ImprovedCurriculum", "s0": 4}})
     assert isinstance(consistency_curriculum(new), ImprovedCurriculum) and consistency_curriculum(new).s0 == 4
+
+
+def test_consistency_training_loss_weights_each_interval_and_puts_the_online_net_at_its_noisy_end():
+    """With iCT's curriculum, the loss of a batch whose intervals are i is the mean of w_i d(f(x_{t_i}, t_i),
+    f^-(x_{t_{i+1}}, t_{i+1})): the online network at the interval's noisier end (smaller t, larger sigma), the target
+    at its cleaner end, with the same data and noise, and w_i = 1 / (sigma_i - sigma_{i+1})."""
+    from flowdiff.stages.distances import distance
+
+    module = _module(CondOTSchedule())
+    module.curriculum = ImprovedCurriculum()
+    module.target_net.load_state_dict({k: v + 0.01 for k, v in module.net.state_dict().items()})  # f^- != f
+    z = torch.randn(6, 3)
+    i = torch.tensor([0, 3, 5, 9, 9, 2])
+    module.draw_intervals = lambda times, n, generator=None: i
+    loss = module.loss({"x1": z}, generator=torch.Generator().manual_seed(0))
+    times, weights = module.grid(module.schedule()[0])
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    s, t = times[i].float(), times[i + 1].float()
+    assert (s < t).all()
+    online = module.consistency_function(module.net, module.path.sample(z, eps, s).x_t, s)
+    target = module.consistency_function(module.target_net, module.path.sample(z, eps, t).x_t, t)
+    expected = (weights[i].float() * distance(online, target, "pseudo_huber")).mean()
+    torch.testing.assert_close(loss, expected)
+    swapped = (
+        weights[i].float()
+        * distance(
+            module.consistency_function(module.net, module.path.sample(z, eps, t).x_t, t),
+            module.consistency_function(module.target_net, module.path.sample(z, eps, s).x_t, s),
+            "pseudo_huber",
+        )
+    ).mean()
+    assert not torch.allclose(loss, swapped)

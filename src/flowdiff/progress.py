@@ -40,7 +40,8 @@ def progress(
     """Yield ``advance(k)``, to be called as the work proceeds (``k`` units of ``total``); shows progress with ETA.
 
     ``trainer``: show it in the trainer's live rich progress bar when there is one. ``enabled=False`` (DDP ranks
-    other than 0) shows nothing. The last state stays on screen (or in the log) when the block ends."""
+    other than 0) shows nothing. In the trainer's bar the line goes when the block ends; a bar of its own, or the log,
+    keeps the last state."""
     if not enabled or total <= 0:
         yield lambda k=1.0: None
         return
@@ -51,7 +52,7 @@ def progress(
         try:
             yield lambda k=1.0: (live.update(task, advance=k), bar.refresh())
         finally:
-            live.update(task, completed=total, visible=False)
+            live.remove_task(task)
             bar.refresh()
         return
     if sys.stdout.isatty():
@@ -74,7 +75,8 @@ def progress(
 
 class LogLines:
     """Progress for a log: a line when the work starts, one every ``every_s`` seconds with the count, the time spent
-    and the estimated time left (and ``extra()``, e.g. the loss), and one when it ends."""
+    and the estimated time left (and ``extra()``, e.g. the loss), and one when it ends. ``done``: the count it starts
+    from (a resumed run); the time left comes from what this process did."""
 
     def __init__(
         self,
@@ -83,12 +85,13 @@ class LogLines:
         every_s: float = 30.0,
         unit: str = "",
         extra: Callable[[], str] | None = None,
+        done: float = 0.0,
     ) -> None:
         self.description, self.total, self.every_s, self.extra = description, total, every_s, extra
         self.suffix = f" {unit}" if unit else ""
-        self.done = 0.0
+        self.done = self.first = done
         self.start = self.printed = time.perf_counter()
-        print(f"{description}: 0/{total:g}{self.suffix} ...", flush=True)
+        print(f"{description}: {done:.0f}/{total:g}{self.suffix} ...", flush=True)
 
     def advance(self, k: float = 1.0) -> None:
         self.update(self.done + k)
@@ -99,7 +102,8 @@ class LogLines:
         if now - self.printed >= self.every_s and self.done < self.total:
             self.printed = now
             elapsed = now - self.start
-            left = elapsed * (self.total - self.done) / self.done if self.done > 0 else None
+            rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+            left = (self.total - self.done) / rate if rate > 0 else None
             extra = self.extra() if self.extra is not None else ""
             extra = f"; {extra}" if extra else ""
             print(

@@ -31,10 +31,9 @@ def stream_seed(*keys: object) -> int:
 
 
 def rank_share(n: int, rank: int, world: int) -> slice:
-    """Rank ``rank``'s contiguous share of ``n`` items split over ``world`` DDP ranks (the shares, in rank order,
-    are ``0 .. n - 1``: what gathering them gives back)."""
-    per = -(-n // world)
-    return slice(min(rank * per, n), min((rank + 1) * per, n))
+    """Rank ``rank``'s contiguous share of ``n`` items split over ``world`` DDP ranks: sizes differ by at most one,
+    none is empty when ``n >= world``, and the shares in rank order are ``0 .. n - 1`` (what gathering gives back)."""
+    return slice(rank * n // world, (rank + 1) * n // world)
 
 
 def cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:

@@ -27,7 +27,7 @@ from flowdiff.metrics.images import (
     FeatureFID,
     InceptionFeatures,
     MissingWeights,
-    kid_subset_size,
+    evaluation_settings,
     reference,
 )
 from flowdiff.progress import Advance, progress
@@ -152,6 +152,10 @@ def describe_sampler(sampler, scale: float | None) -> str:
     return f"{sampler!r}" + ("" if scale is None else f", w = {scale:g}")
 
 
+#: the fewest images FID and KID are computed on (KID's subsets hold half of them, and need two each)
+MIN_N = 4
+
+
 class _EveryN(L.Callback):
     """An image callback that runs at every ``every_n_epochs``-th validation round (and on ``trainer.validate``)."""
 
@@ -272,27 +276,26 @@ class ImageMetrics(_EveryN):
         return self.extractor.name if self.extractor is not None else self.features
 
     def check(self, datamodule) -> bool:
-        """Fail now, in one sentence (:class:`ConfigError`), if the metrics cannot be computed as configured; return
-        whether they will be (``features=auto`` on unlabelled data without Inception weights turns FID off, with a
-        line saying so, rather than stopping a run that did not ask for it)."""
+        """Build the feature extractor now, before training (a missing weights file or a classifier that does not
+        fit is one sentence, :class:`ConfigError`; a missing classifier is trained and cached here, before any DDP
+        process starts), and return whether the metrics will be computed: ``features=auto`` on unlabelled data
+        without Inception weights turns FID off, with a line saying so, rather than stopping a run that did not ask
+        for it."""
         sizes = {split: datamodule.split_size(split) for split in ("train", "val")}
-        if not 1 <= self.n <= min(sizes.values()):
+        if not MIN_N <= self.n <= min(sizes.values()):
             raise ConfigError(
-                f"callbacks.image_metrics.n={self.n} is out of range: set it between 1 and {min(sizes.values())}; "
-                f"FID compares n samples with n of the {sizes['train']} training images of data={datamodule.name}, "
-                f"and its floor those with n of the {sizes['val']} held-out ones"
+                f"callbacks.image_metrics.n={self.n} is out of range: set it between {MIN_N} and "
+                f"{min(sizes.values())}; FID compares n samples with n of the {sizes['train']} training images of "
+                f"data={datamodule.name}, and its floor those with n of the {sizes['val']} held-out ones"
             )
+        if self.extractor is not None:
+            return True
         features = resolve_features(self.features, datamodule, self.inception_weights)
-        if self.extractor is None and features is None:
+        if features is None:
             rank_zero_only(print)(f"callbacks.image_metrics: {no_features_reason(datamodule)}", flush=True)
             self.active = False
             return False
-        if (
-            self.extractor is None
-            and features == "classifier"
-            and self.classifier_path
-            and Path(self.classifier_path).expanduser().is_file()
-        ):
+        if features == "classifier" and self.classifier_path and Path(self.classifier_path).expanduser().is_file():
             stored = torch.load(Path(self.classifier_path).expanduser(), map_location="cpu", weights_only=False)
             have = (stored.get("in_channels"), stored.get("num_classes"))
             want = (datamodule.data_shape[0], datamodule.dataset_classes)
@@ -302,40 +305,32 @@ class ImageMetrics(_EveryN):
                     f"of {have[1]} classes, but data={datamodule.name} has {want[0]} channels and {want[1]} classes: "
                     "drop classifier_path (one is trained for this data and cached) or use features=inception"
                 )
-        if self.extractor is None and features == "inception":
-            try:
-                InceptionFeatures.check(self.inception_weights)
-            except MissingWeights as err:
-                raise ConfigError(str(err)) from None
+        try:
+            self.extractor, self.classifier = build_extractor(
+                self.features, datamodule, self.inception_weights, self.classifier_path
+            )
+        except (MissingWeights, ValueError) as err:  # ValueError: a classifier for data without labels
+            raise ConfigError(str(err)) from None
         return True
 
     def prepare(self, datamodule, device: torch.device, trainer=None) -> None:
-        """Build the extractor and compute, once, this rank's share of the real features and the floor."""
-        if self.metric is not None or not self.active:
+        """Compute, once, this rank's share of the real features and the floor (building the extractor first if
+        :meth:`check` has not). Under DDP every rank takes rank 0's classifier weights, so that all share one
+        feature space even where each node trained its own."""
+        if self.metric is not None or (self.extractor is None and not self.check(datamodule)):
             return
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if self.n < world:
             raise ConfigError(f"callbacks.image_metrics.n={self.n} is smaller than the {world} DDP ranks sharing it")
-        if self.extractor is None:
-            if world > 1 and rank > 0:  # rank 0 trains and caches a missing classifier, the others then read it
-                trainer.strategy.barrier()
-            self.extractor, self.classifier = build_extractor(
-                self.features, datamodule, self.inception_weights, self.classifier_path
-            )
-            if world > 1 and rank == 0:
-                trainer.strategy.barrier()
+        if world > 1 and self.classifier is not None:
+            self.classifier.load_state_dict(trainer.strategy.broadcast(self.classifier.state_dict(), src=0))
         mine = rank_share(self.n, rank, world)
         count = mine.stop - mine.start
         real, _ = datamodule.real_images(count, "train", offset=mine.start)
         held_out, _ = datamodule.real_images(count, "val", offset=mine.start)
         if rank == 0:
-            print(
-                f"image metrics: FID/KID of {self.n} samples against {self.n} training images, floor {self.n} "
-                f"training vs {self.n} held-out; KID: {self.kid_subsets} subsets of "
-                f"{kid_subset_size(self.n)}; features: {self.extractor.name}"
-                + (f"; split over {world} ranks" if world > 1 else ""),
-                flush=True,
-            )
+            shared = f"; split over {world} ranks" if world > 1 else ""
+            print(f"image metrics: {evaluation_settings(self.n, self.kid_subsets, self.extractor.name)}{shared}")
         with progress("image metrics: real features", 2 * count, trainer, enabled=rank == 0) as advance:
             self.metric, self.floor = reference(
                 self.extractor.to(device), real, held_out, self.kid_subsets, n=self.n, advance=advance
@@ -358,7 +353,8 @@ class ImageMetrics(_EveryN):
         y = None if y_all is None else y_all[mine]
         scale = self.guidance_scale if self.guidance_scale is not None else getattr(pl_module.guidance, "scale", None)
         count = mine.stop - mine.start
-        what = f"FID/KID samples ({self.n}; {describe_sampler(sampler, scale if num_classes else None)})"
+        shown = f"{count} of {self.n} on this rank" if world > 1 else f"{self.n}"
+        what = f"FID/KID samples ({shown}; {describe_sampler(sampler, scale if num_classes else None)})"
         with progress(what, count, trainer, enabled=rank == 0) as advance:
             images, nfe = sample_images(
                 pl_module, count, y, self.guidance_scale, self.seed, self.batch_size, sampler, mine.start, advance
@@ -386,9 +382,8 @@ class ImageMetrics(_EveryN):
         sync = trainer.world_size > 1
         for key, value in out.items():
             pl_module.log(f"val/{key}", value, prog_bar=key == "fid", sync_dist=sync)
-        if self.floor is not None:
-            pl_module.log("val/fid_floor", self.floor["fid"], sync_dist=sync)
-            pl_module.log("val/kid_floor", self.floor["kid"], sync_dist=sync)
+        pl_module.log("val/fid_floor", self.floor["fid"], sync_dist=sync)
+        pl_module.log("val/kid_floor", self.floor["kid"], sync_dist=sync)
         if self.nfe and final_validation(trainer):
             for k in self.nfe:
                 out = self.evaluate(pl_module, num_classes, trainer, pl_module.sampler.with_steps(k))

@@ -35,8 +35,7 @@ class StepProgressBar(RichProgressBar):
                 value = trainer.callback_metrics.get("train/loss")
                 return "" if value is None else f"train/loss {float(value):.4f}"
 
-            self._lines = LogLines("training", trainer.max_steps, self.log_every_s, "steps", loss)
-            self._lines.update(trainer.global_step)
+            self._lines = LogLines("training", trainer.max_steps, self.log_every_s, "steps", loss, trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._lines is not None:

@@ -37,15 +37,17 @@ def validation_samples(trainer: L.Trainer, pl_module, n: int, seed: int = 1234) 
     world, rank = trainer.world_size, trainer.global_rank
     x0 = pl_module.draw_source(n, torch.Generator().manual_seed(seed))
     mine = rank_share(n, rank, world)
-    per = rank_share(n, 0, world).stop  # the largest share: what every rank pads its samples to
     y = ref["y"][mine] if pl_module.guidance is not None else None
     noise = torch.Generator().manual_seed(seed + 1 + rank)  # SDE noise: per rank
     result = pl_module.sample(x0[mine].shape[0], y=y, x0=x0[mine], generator=noise)
     x, pl_module.sample_nfe = result.x, result.nfe
-    if world > 1:
+    if world > 1:  # shares differ in size by one: pad to the largest, gather, drop each rank's padding
+        per = -(-n // world)
         padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
         padded[: x.shape[0]] = x
-        x = pl_module.all_gather(padded).reshape(world * per, *x.shape[1:])[:n]
+        gathered = pl_module.all_gather(padded)  # (world, per, ...)
+        shares = [rank_share(n, r, world) for r in range(world)]
+        x = torch.cat([gathered[r][: s.stop - s.start] for r, s in enumerate(shares)])
     x = x.cpu()
     pl_module._validation_samples = (trainer.global_step, x)
     return x

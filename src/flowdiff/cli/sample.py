@@ -15,13 +15,20 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from flowdiff.callbacks.images import balanced_labels, build_extractor, describe_sampler, sample_images
+from flowdiff.callbacks.images import MIN_N, balanced_labels, build_extractor, describe_sampler, sample_images
 from flowdiff.checkpointing import check_weights_fit, read_checkpoint
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from, plain_dict, validate
 from flowdiff.data.images import to_uint8, to_unit
 from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
 from flowdiff.metrics import w2
-from flowdiff.metrics.images import MissingWeights, fid_report, kid_report, kid_subset_size, reference
+from flowdiff.metrics.images import (
+    MissingWeights,
+    evaluation_settings,
+    fid_report,
+    kid_report,
+    kid_subset_size,
+    reference,
+)
 from flowdiff.plotting import plot_samples_2d, plt
 from flowdiff.progress import progress
 
@@ -173,6 +180,9 @@ def _fid_n(cfg, dm, n: int) -> int | None:
     ``None`` with ``metrics.fid=false``; an ``n`` larger than either split is one sentence."""
     if dm.kind != "image" or not (cfg.get("metrics", {}) or {}).get("fid", True):
         return None
+    if n < MIN_N:
+        print(f"no FID for n={n}: FID and KID need at least {MIN_N} samples", flush=True)
+        return None
     sizes = {split: dm.split_size(split) for split in ("train", "val")}
     if n > min(sizes.values()):
         raise ConfigError(
@@ -209,11 +219,7 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
     except MissingWeights as err:
         raise ConfigError(str(err)) from None
     subsets = int(mcfg.get("kid_subsets", 100))
-    print(
-        f"FID/KID of the {fid_n} samples against {fid_n} training images, floor {fid_n} training vs {fid_n} held-out; "
-        f"KID: {subsets} subsets of {kid_subset_size(fid_n)}; features: {extractor.name}",
-        flush=True,
-    )
+    print(evaluation_settings(fid_n, subsets, extractor.name), flush=True)
     dev = torch.device(device)
     real, _ = dm.real_images(fid_n, "train")
     held_out, _ = dm.real_images(fid_n, "val")

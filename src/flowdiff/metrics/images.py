@@ -155,7 +155,11 @@ class FeatureFID(nn.Module):
             parts.append(self.extractor(images[i : i + self.batch_size].to(device)).double())
             if advance is not None:
                 advance(len(parts[-1]))
-        return torch.cat(parts) if parts else torch.zeros(0, self.extractor.num_features, device=device)
+        return (
+            torch.cat(parts)
+            if parts
+            else torch.zeros(0, self.extractor.num_features, dtype=torch.float64, device=device)
+        )
 
     def update_features(self, features: Tensor, real: bool) -> None:
         self.fid.update(features, real=real)
@@ -177,15 +181,21 @@ class FeatureFID(nn.Module):
         if n is None:
             n = min(int(self.fid.real_features_num_samples), int(self.fid.fake_features_num_samples))
         self.kid.subset_size = kid_subset_size(n, self.kid_subset_size)
-        with torch.random.fork_rng(devices=[]):  # torchmetrics draws KID's subsets from the global RNG
-            torch.manual_seed(self.seed)
+        # torchmetrics draws KID's subsets with torch.randperm from the global CPU generator: seed it, and only it
+        # (torch.manual_seed would reseed every CUDA generator too), inside a fork that restores its state
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.seed)
             kid_mean, kid_std = self.kid.compute()
         return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
+def _on_extractors_device(extractor: FeatureExtractor, kid_subsets: int) -> FeatureFID:
+    return FeatureFID(extractor, kid_subsets=kid_subsets).to(next(extractor.parameters(), torch.zeros(())).device)
+
+
 def fid_between(extractor: FeatureExtractor, a: Tensor, b: Tensor, kid_subsets: int = 100) -> dict[str, float]:
     """FID and KID between two image sets (e.g. the floor: two disjoint real sets of the same size)."""
-    metric = FeatureFID(extractor, kid_subsets=kid_subsets).to(next(extractor.parameters(), torch.zeros(())).device)
+    metric = _on_extractors_device(extractor, kid_subsets)
     metric.update(a, real=True)
     metric.update(b, real=False)
     return metric.compute()
@@ -206,14 +216,21 @@ def reference(
     computed once over the gathered shares (a collective), each image counted once."""
     if len(real) != len(held_out):
         raise ValueError(f"the floor compares sets of one size, got {len(real)} real and {len(held_out)} held-out")
-    device = next(extractor.parameters(), torch.zeros(())).device
-    metric = FeatureFID(extractor, kid_subsets=kid_subsets).to(device)
+    metric = _on_extractors_device(extractor, kid_subsets)
     real_features = metric.features(real, advance)
     metric.update_features(real_features, real=True)
-    floor = FeatureFID(extractor, kid_subsets=kid_subsets).to(device)
+    floor = _on_extractors_device(extractor, kid_subsets)
     floor.update_features(real_features, real=True)
     floor.update(held_out, real=False, advance=advance)
     return metric, floor.compute(n)
+
+
+def evaluation_settings(n: int, kid_subsets: int, extractor: str) -> str:
+    """What an FID evaluation compares, printed when it starts."""
+    return (
+        f"FID/KID of {n} samples against {n} training images, floor {n} training vs {n} held-out; KID: "
+        f"{kid_subsets} subsets of {kid_subset_size(n)}; features: {extractor}"
+    )
 
 
 def fid_report(fid: float, floor: float, n: int, extractor: str) -> str:

@@ -104,20 +104,21 @@ class GaussianPath:
         alpha, beta = sched[:2]
         return PathSample(x_t=alpha * z + beta * eps, t=t, **targets)
 
-    def sigma(self, t: Tensor) -> Tensor:
-        """EDM's noise level ``sigma_t = beta_t / alpha_t`` (``x_t / alpha_t = z + sigma_t eps``): infinite at t = 0
-        (where ``alpha_0 = 0``), 0 at t = 1, decreasing in between on every schedule."""
+    def noise_to_signal(self, t: Tensor) -> Tensor:
+        """``beta_t / alpha_t``, EDM's noise level (its ``sigma``; here ``sigma_t`` is the SDE's diffusion coefficient):
+        ``x_t / alpha_t = z + (beta_t / alpha_t) eps``. Infinite at t = 0 (where ``alpha_0 = 0``), 0 at t = 1,
+        decreasing in between on every schedule."""
         s = self.schedule(t)
         return s.beta / s.alpha
 
-    def time_at_sigma(self, sigma: Tensor, iterations: int = 60) -> Tensor:
-        """The time ``t`` at which ``sigma_t = sigma`` (bisection in float64; 0 for a ``sigma`` above ``sigma_0``): how
-        a grid or a distribution in EDM's sigma maps to the course's time on this path."""
-        target = torch.as_tensor(sigma, dtype=torch.float64)
+    def time_at_noise_to_signal(self, ratio: Tensor, iterations: int = 60) -> Tensor:
+        """The time ``t`` at which ``beta_t / alpha_t = ratio`` (bisection in float64; 0 for a ratio above the one at
+        t = 0): how a grid or a distribution in EDM's sigma maps to the course's time on this path."""
+        target = torch.as_tensor(ratio, dtype=torch.float64)
         lo, hi = torch.zeros_like(target), torch.ones_like(target)
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
-            noisier = self.sigma(mid) > target
+            noisier = self.noise_to_signal(mid) > target
             lo, hi = torch.where(noisier, mid, lo), torch.where(noisier, hi, mid)
         return 0.5 * (lo + hi)
 

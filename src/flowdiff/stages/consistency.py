@@ -100,7 +100,7 @@ class SongCurriculum:
 
 class ImprovedCurriculum(SongCurriculum):
     """Improved consistency training's choices (Song & Dhariwal 2023, sections 3.3-3.5), mapped to the course's time
-    through the path's ``sigma_t = beta_t / alpha_t`` (:meth:`GaussianPath.time_at_sigma`):
+    through the path's ``beta_t / alpha_t``, EDM's sigma (:meth:`GaussianPath.time_at_noise_to_signal`):
 
     * ``N(k) = min(s0 2^floor(k / K'), s1) + 1`` points, ``K' = floor(K / (log2 floor(s1 / s0) + 1))`` (doubling);
     * Karras et al.'s grid ``sigma_i = (sigma_min^(1/rho) + (i - 1) / (N - 1) (sigma_max^(1/rho) -
@@ -140,7 +140,7 @@ class ImprovedCurriculum(SongCurriculum):
         )
 
     def points(self, step: int, total: int) -> int:
-        stage = max(total // (int(math.log2(self.s1 // self.s0)) + 1), 1)
+        stage = max(int(total / (math.log2(self.s1 // self.s0) + 1)), 1)  # K' = floor(K / (log2 floor(s1/s0) + 1))
         return min(self.s0 * 2 ** (step // stage), self.s1) + 1
 
     def _sigmas(self, points: int) -> Tensor:  # (points,) in EDM's units, decreasing: sigma_max first
@@ -153,7 +153,7 @@ class ImprovedCurriculum(SongCurriculum):
         return self._sigmas(points) * (self.sigma_data / 0.5)
 
     def times(self, points: int, path, lo: float, hi: float) -> Tensor:
-        return path.time_at_sigma(self.sigmas(points)).clamp(lo, hi)
+        return path.time_at_noise_to_signal(self.sigmas(points)).clamp(lo, hi)
 
     def draw(self, times: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
         log_sigma = self._sigmas(len(times)).log()
