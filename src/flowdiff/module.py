@@ -327,11 +327,13 @@ class FlowModule(L.LightningModule):
         y: Tensor | int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
+        on_evaluation: Callable[[], None] | None = None,
     ) -> float:
         """The straightness ``E int ||(X_1 - X_0) - v(X_t, t)||^2 dt`` of the model's ODE along its own trajectories
-        from ``n`` starting points drawn as :meth:`sample` draws them (:mod:`flowdiff.straightness`)."""
+        from ``n`` starting points drawn as :meth:`sample` draws them (:mod:`flowdiff.straightness`);
+        ``on_evaluation()`` after each of its ``steps`` network evaluations (a progress bar)."""
         x0 = self.draw_source(n, generator)
-        fields = self.vector_fields(self._labels(n, y), guidance_scale)
+        fields = self.vector_fields(self._labels(n, y), guidance_scale, on_evaluation)
         t_span = self.objective.sample_time_range(self.path, dtype=x0.dtype)
         with self._evaluating():
             return straightness(fields.velocity, self._start_at(x0, t_span[0]), t_span, steps)[0]

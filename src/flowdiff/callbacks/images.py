@@ -228,8 +228,8 @@ class ImageGrid(_EveryN):
 
 class ImageMetrics(_EveryN):
     """Log ``val/fid``, ``val/kid`` and ``val/kid_std`` (and ``val/class_acc`` with a classifier) of ``n`` samples
-    against ``n`` training images, next to ``val/fid_floor`` and ``val/kid_floor`` (the same ``n`` real training
-    images against ``n`` held-out ones).
+    against ``n`` training images, next to ``val/fid_floor``, ``val/kid_floor`` and ``val/kid_floor_std`` (the same
+    ``n`` real training images against ``n`` held-out ones).
 
     Under DDP each rank takes its contiguous share of the ``n`` real, held-out and generated images (the same images
     whatever the number of ranks); the metrics gather the shares and are computed once, the floor included.
@@ -382,8 +382,8 @@ class ImageMetrics(_EveryN):
         sync = trainer.world_size > 1
         for key, value in out.items():
             pl_module.log(f"val/{key}", value, prog_bar=key == "fid", sync_dist=sync)
-        pl_module.log("val/fid_floor", self.floor["fid"], sync_dist=sync)
-        pl_module.log("val/kid_floor", self.floor["kid"], sync_dist=sync)
+        for name, key in (("fid_floor", "fid"), ("kid_floor", "kid"), ("kid_floor_std", "kid_std")):
+            pl_module.log(f"val/{name}", self.floor[key], sync_dist=sync)
         if self.nfe and final_validation(trainer):
             for k in self.nfe:
                 out = self.evaluate(pl_module, num_classes, trainer, pl_module.sampler.with_steps(k))

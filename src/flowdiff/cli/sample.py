@@ -147,7 +147,10 @@ def _straightness(cfg, module, y: torch.Tensor | None, scale, k: int) -> dict:
         return {}
     steps = int((cfg.get("straightness") or {}).get("steps", 100))
     g = torch.Generator().manual_seed(int(cfg.seed))
-    value = module.straightness(k, steps, None if y is None else y[:k], scale, generator=g)
+    labels = None if y is None else y[:k]
+    slow = len(module.data_shape) == 3  # images: seconds to minutes; 2D: instant
+    with progress(f"straightness ({k} paths)", steps if slow else 0, unit="steps") as advance:
+        value = module.straightness(k, steps, labels, scale, generator=g, on_evaluation=advance)
     print(f"straightness: {value:.4f} (E int ||(X_1 - X_0) - v||^2 dt, {k} paths, {steps} steps)")
     return {"straightness": value, "straightness_n": k, "straightness_steps": steps}
 
@@ -233,12 +236,13 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
         kid_std=scores["kid_std"],
         fid_floor=floor["fid"],
         kid_floor=floor["kid"],
+        kid_floor_std=floor["kid_std"],
         fid_n=fid_n,
         kid_subset_size=kid_subset_size(fid_n),
         features=extractor.name,
     )
     print(fid_report(scores["fid"], floor["fid"], fid_n, extractor.name))
-    print(kid_report(scores["kid"], scores["kid_std"], floor["kid"], fid_n, subsets))
+    print(kid_report(scores, floor, fid_n, subsets))
     if classifier is not None and y is not None:
         out["class_acc"] = float((classifier.to(dev).predict(x) == y).float().mean())
         print(f"class accuracy of the samples (classifier's labels vs the requested ones): {out['class_acc']:.3f}")
@@ -324,6 +328,9 @@ ROW_KEYS = (
     "fid",
     "fid_floor",
     "kid",
+    "kid_std",
+    "kid_floor",
+    "kid_floor_std",
     "class_acc",
     "nll",
     "bits_per_dim",

@@ -174,8 +174,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "val/" + fid_report(metrics["val/fid"], floor.get("fid", math.nan), image_metrics.n, image_metrics.name)
             )
             if "val/kid" in metrics:
-                kid = (metrics["val/kid"], metrics.get("val/kid_std", math.nan), floor.get("kid", math.nan))
-                lines.append("val/" + kid_report(*kid, image_metrics.n, image_metrics.kid_subsets))
+                kid = {"kid": metrics["val/kid"], "kid_std": metrics.get("val/kid_std", math.nan)}
+                lines.append("val/" + kid_report(kid, floor, image_metrics.n, image_metrics.kid_subsets))
             if "val/class_acc" in metrics:
                 lines.append(
                     f"val/class_acc = {metrics['val/class_acc']:.3f} (classifier's labels of class-conditional samples)"

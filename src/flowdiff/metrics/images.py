@@ -238,9 +238,9 @@ def fid_report(fid: float, floor: float, n: int, extractor: str) -> str:
     return f"FID {fid:.2f} (real-vs-real floor {floor:.2f}; n = {n}; features: {extractor})"
 
 
-def kid_report(kid: float, kid_std: float, floor: float, n: int, subsets: int) -> str:
-    """One line: KID with its spread over subsets, its floor, and the subsets it was averaged over."""
+def kid_report(kid: dict[str, float], floor: dict[str, float], n: int, subsets: int) -> str:
+    """One line: KID and its floor (``{"kid", "kid_std"}`` each), mean and sd over the subsets named."""
     return (
-        f"KID {kid:.4f} ± {kid_std:.4f} (real-vs-real floor {floor:.4f}; mean and sd over {subsets} subsets of "
-        f"{kid_subset_size(n)} of the n = {n})"
+        f"KID {kid['kid']:.4f} ± {kid['kid_std']:.4f} (real-vs-real floor {floor['kid']:.4f} ± {floor['kid_std']:.4f}; "
+        f"mean and sd over {subsets} subsets of {kid_subset_size(n)} of the n = {n})"
     )
