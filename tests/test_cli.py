@@ -151,3 +151,14 @@ def test_unreadable_checkpoints_fail_in_one_sentence(trained, tmp_path, capsys):
     assert stop.value.code == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith(f"config error: ckpt={truncated} cannot be read") and stderr.count("\n") == 1
+
+
+def test_sample_refuses_a_solver_setting_out_of_range(trained, tmp_path):
+    """sample.py ckpt=... sampler=dopri5 sampler.rtol=-1 was accepted and sampled with: one sentence now."""
+    from flowdiff.cli.sample import sample
+    from flowdiff.errors import ConfigError
+
+    args = [f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", "sampler=dopri5", "sampler.rtol=-1"]
+    with pytest.raises(ConfigError, match=r"^sampler.rtol=-1 is out of range: set it to a positive relative tolerance"):
+        sample(compose_cfg(args, tmp_path, config="sample"))
+    assert not (tmp_path / "samples.pt").exists()

@@ -14,9 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flowdiff.couplings import Coupling, IndependentCoupling, MinibatchOTCoupling
-from flowdiff.data.images import DataError
 from flowdiff.data.pairs import PairsDataModule
-from flowdiff.errors import ConfigError
+from flowdiff.errors import ConfigError, DataError, SettingError
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.module import FlowModule
 from flowdiff.objectives import Objective
@@ -92,14 +91,14 @@ def build_datamodule(cfg: DictConfig, teacher: Teacher | None = None):
         return datamodule
     check_teacher(cfg, datamodule, teacher)
     if stage == "reflow":
-        settings, steps = cfg.coupling, 1
+        settings, steps, key = cfg.coupling, 1, "coupling.sampler"
         sampler_cfg = settings.sampler
     else:
-        settings, steps = cfg.distill, int(cfg.distill.steps)
+        settings, steps, key = cfg.distill, int(cfg.distill.steps), "distill.sampler"
         sampler_cfg = _teacher_sampler(cfg, teacher) if settings.get("progressive") else settings.sampler
 
     try:  # a teacher sampler whose grid misses the student's times: one sentence now, not when training starts
-        sampler = on_grid(build_sampler_from(sampler_cfg, teacher.module.path), steps)
+        sampler = on_grid(build_sampler_from(sampler_cfg, teacher.module.path, key), steps)
     except ValueError as err:
         raise ConfigError(f"stage={stage}: {err}") from None
 
@@ -196,9 +195,14 @@ def build_guidance(cfg: DictConfig, net: torch.nn.Module) -> ClassifierFreeGuida
     return ClassifierFreeGuidance(null_label=net.null_label, **kw)
 
 
-def build_sampler_from(sampler_cfg: DictConfig | dict, path) -> Sampler:
+def build_sampler_from(sampler_cfg: DictConfig | dict, path, key: str = "sampler") -> Sampler:
+    """The sampler of the config node ``key`` (``sampler``, ``distill.sampler``, ...); a setting out of its range is
+    one sentence naming ``key.<setting>``."""
     kw = plain_dict(sampler_cfg)
-    return build_sampler(kw.pop("name"), path=path, **{k: v for k, v in kw.items() if v is not None})
+    try:
+        return build_sampler(kw.pop("name"), path=path, **{k: v for k, v in kw.items() if v is not None})
+    except SettingError as err:
+        raise ConfigError(f"{key}.{err}") from None
 
 
 def _number(cfg: DictConfig, key: str):
@@ -217,7 +221,6 @@ def check_values(cfg: DictConfig, datamodule) -> None:
         ("distill.steps", lambda v: v >= 1, "at least 1 (the student's number of steps)"),
         ("distill.n_pairs", lambda v: v >= 1, "at least 1"),
         ("coupling.n_pairs", lambda v: v >= 1, "at least 1"),
-        ("sampler.steps", lambda v: v >= 1, "at least 1 (a sampler needs at least one step)"),
         ("data.batch_size", lambda v: v >= 1, "at least 1"),
         ("optimizer.lr", lambda v: v > 0, "a positive learning rate, such as 1e-3"),
         ("optimizer.weight_decay", lambda v: v >= 0, "0 or more"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowdiff.errors import check_setting
 from flowdiff.utils import full_time
 
 FieldFn = Callable[[Tensor, Tensor], Tensor]
@@ -80,8 +81,9 @@ class Sampler:
     evaluations_per_step: int = 1
 
     def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0, denoise: bool = True) -> None:
-        if steps < 1:
-            raise ValueError(f"sampler.steps must be >= 1, got {steps}")
+        check_setting("steps", steps, steps >= 1, "at least 1 (a sampler needs at least one step)")
+        check_setting("t_min", t_min, 0 <= t_min < 1, "a time in [0, 1) (t = 0 is the noise)")
+        check_setting("t_max", t_max, t_min < t_max <= 1, f"a time in ({t_min:g}, 1] (above t_min; t = 1 is the data)")
         self.steps = steps
         self.t_min = t_min
         self.t_max = t_max

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from flowdiff.errors import check_setting
 from flowdiff.samplers.base import CountedField, Sampler, SampleResult
 from flowdiff.utils import broadcast_time, full_time
 
@@ -32,8 +33,8 @@ class DDIMSampler(Sampler):
         super().__init__(steps, t_min, t_max, denoise)
         if not hasattr(path, "convert") or "data" not in path.parameterisations:
             raise ValueError("the ddim sampler needs a Gaussian path (a Gaussian source)")
-        if not 0 <= eta <= 1:  # beyond 1 the variance beta'^2 - s^2 of the eps_hat term would be negative
-            raise ValueError(f"ddim needs 0 <= eta <= 1 (0: DDIM, 1: DDPM's ancestral sampling), got eta={eta}")
+        # beyond 1 the variance beta'^2 - s^2 of the eps_hat term would be negative
+        check_setting("eta", eta, 0 <= eta <= 1, "a number with 0 <= eta <= 1 (0: DDIM, 1: DDPM's ancestral sampling)")
         self.path = path
         self.eta = eta
         # its own conversions velocity -> (data, noise) must be finite too (e.g. alpha^2 schedules at t = 0)

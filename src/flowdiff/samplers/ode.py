@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torchdiffeq import odeint
 
+from flowdiff.errors import check_setting
 from flowdiff.samplers.base import CountedField, FieldFn, FixedStepSampler, Sampler, SampleResult
 
 
@@ -63,6 +64,8 @@ class Dopri5Sampler(Sampler):
         denoise: bool = True,
     ):
         super().__init__(steps, t_min, t_max, denoise)
+        check_setting("rtol", rtol, rtol > 0, "a positive relative tolerance, such as 1e-5")
+        check_setting("atol", atol, atol > 0, "a positive absolute tolerance, such as 1e-5")
         self.rtol = rtol
         self.atol = atol
 

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from flowdiff.errors import check_setting
 from flowdiff.samplers.base import CountedField, Sampler, SampleResult
 from flowdiff.utils import broadcast_time, full_time
 
@@ -91,10 +92,10 @@ class EulerMaruyamaSampler(Sampler):
         denoise: bool = True,
     ) -> None:
         super().__init__(steps, t_min, t_max, denoise)
-        if sigma_schedule not in ("constant", "beta"):
-            raise ValueError(f"unknown sigma_schedule {sigma_schedule!r}; choose constant or beta")
-        if sigma < 0 or langevin_steps < 0 or langevin_step <= 0:
-            raise ValueError("euler_maruyama needs sigma >= 0, langevin_steps >= 0 and langevin_step > 0")
+        check_setting("sigma_schedule", sigma_schedule, sigma_schedule in ("constant", "beta"), "constant or beta")
+        check_setting("sigma", sigma, sigma >= 0, "a noise scale of 0 or more (0: the ODE)")
+        check_setting("langevin_steps", langevin_steps, langevin_steps >= 0, "0 or more corrector steps")
+        check_setting("langevin_step", langevin_step, langevin_step > 0, "a positive step, such as 0.01")
         self.path = path
         self.sigma = sigma
         self.sigma_schedule = sigma_schedule
