@@ -33,9 +33,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
-
-class DataError(ValueError):
-    """Data that cannot be read as configured; the message names the files and the fix."""
+from flowdiff.data.files import check_cifar10, check_mnist
+from flowdiff.errors import DataError
 
 
 def to_unit(x: Tensor) -> Tensor:
@@ -101,6 +100,8 @@ NATIVE_SHAPE: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32),
 }
 NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+#: each dataset's file check (:mod:`flowdiff.data.files`), given the folder that holds its files
+CHECKS = {"mnist": check_mnist, "fashion_mnist": check_mnist, "cifar10": check_cifar10}
 
 
 @dataclass
@@ -259,6 +260,8 @@ class ImageDataModule(L.LightningDataModule):
             self._classes = NUM_CLASSES[dataset]
             if not download and not all((self.root / f).is_file() for f in EXPECTED_FILES[dataset]):
                 raise self._missing()  # at start-up, not deep inside the first epoch
+            if not download:  # files of the wrong size, magic, shape or labels: one sentence now, not mid-training
+                CHECKS[dataset](self.root / Path(EXPECTED_FILES[dataset][0]).parent)
         self._train: Dataset | None = None
         self._val: Dataset | None = None
 
