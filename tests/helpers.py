@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -80,3 +82,29 @@ TINY_IMAGES = [
     "callbacks.progress_bar=null",
     "trainer.enable_progress_bar=false",
 ]
+
+
+class SlowSave(L.Callback):
+    """A test callback (``+callbacks.slow_save._target_=helpers.SlowSave``, with ``tests/`` on ``PYTHONPATH``): once a
+    signal was received, pickling its state in a checkpoint takes ``seconds``, in the middle of writing the file, and
+    writes ``marker`` first, so a test can interrupt the save itself."""
+
+    def __init__(self, marker: str, seconds: float = 20.0) -> None:
+        self.marker, self.seconds = marker, seconds
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        signalled = any(getattr(c, "received", None) for c in self.trainer.callbacks)
+        return {"slow": _SlowToPickle(self.marker, self.seconds)} if signalled else {}
+
+
+class _SlowToPickle:
+    def __init__(self, marker: str, seconds: float) -> None:
+        self.marker, self.seconds = marker, seconds
+
+    def __reduce__(self):
+        Path(self.marker).write_text("saving")
+        time.sleep(self.seconds)
+        return (str, ("slow",))
