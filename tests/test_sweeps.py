@@ -152,6 +152,30 @@ def test_optuna_sweep_minimises_w2_over_three_trials(tmp_path):
     assert best["best_value"] == pytest.approx(min(float(r["val/w2"]) for r in rows), rel=1e-3)
 
 
+def test_a_sweep_with_failed_jobs_exits_1_after_its_summary(tmp_path, capsys):
+    """When the multirun ends with a failed or unrecorded job, the summary is written, the last line says how many
+    failed and where the summary is, and the command exits 1; hydra.callbacks.summary.fail_on_failed_jobs=false
+    keeps exit status 0; a sweep that completed says so."""
+    from omegaconf import OmegaConf
+
+    from flowdiff.sweeps import SweepSummary
+
+    _job(tmp_path, 0, ["seed=0"], metrics={"val/w2": 0.4})
+    _job(tmp_path, 1, ["seed=1"], "failed", reason="config error: no")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with pytest.raises(SystemExit) as stop:
+        SweepSummary().on_multirun_end(config)
+    assert stop.value.code == 1 and (tmp_path / "summary.md").exists()
+    last = f"1 of 2 jobs failed; summary: {tmp_path / 'summary.md'}"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+    SweepSummary(fail_on_failed_jobs=False).on_multirun_end(config)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+    done = tmp_path / "done"
+    _job(done, 0, ["seed=0"], metrics={"val/w2": 0.4})
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(done)}}}))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"all 1 jobs completed; summary: {done / 'summary.md'}"
+
+
 def test_summary_goes_to_the_sweeps_wandb_group(tmp_path, monkeypatch):
     """With logger=wandb the summary table is logged to a run named "summary" in the sweep's group (offline)."""
     wandb = pytest.importorskip("wandb")

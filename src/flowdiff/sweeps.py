@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,11 @@ def table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
-def write_summary(sweep_dir: str | Path, plot: dict | None = None) -> Path | None:
-    """``summary.csv`` and ``summary.md`` in ``sweep_dir`` (and ``summary_<metric>.png`` with ``plot``)."""
+def write_summary(sweep_dir: str | Path, plot: dict | None = None, rows: list | None = None) -> Path | None:
+    """``summary.csv`` and ``summary.md`` in ``sweep_dir`` (and ``summary_<metric>.png`` with ``plot``) of ``rows``
+    (by default :func:`collect`'s)."""
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir) if rows is None else rows
     if not rows:
         return None
     header, cells = table(rows)
@@ -147,22 +149,34 @@ def plot_summary(
 
 
 class SweepSummary(Callback):
-    """Hydra callback: when a multirun ends, write its summary table (and plot, if configured)."""
+    """Hydra callback: when a multirun ends, write its summary table (and plot, if configured); then, if any job did
+    not complete, say how many and where the summary is, and exit with status 1 (``fail_on_failed_jobs=false``:
+    status 0, so that a script or CI job can tell only by reading the summary)."""
 
-    def __init__(self, plot: dict | None = None) -> None:
+    def __init__(self, plot: dict | None = None, fail_on_failed_jobs: bool = True) -> None:
         self.plot = dict(plot) if plot else None
+        self.fail_on_failed_jobs = fail_on_failed_jobs
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        rows = collect(sweep_dir)
+        path = None
         try:
-            path = write_summary(sweep_dir, self.plot)
-        except Exception as err:  # a summary must never turn a finished sweep into a failed command
+            path = write_summary(sweep_dir, self.plot, rows)
+        except Exception as err:  # a broken summary (a plot, say) is reported, and the exit status still tells
             log.warning("no sweep summary: %s", err)
-            return
         if path is not None:
             log.info("sweep summary: %s", path)
             print(path.read_text(), flush=True)
             _log_to_wandb(config, sweep_dir)
+        failed = sum(r["status"] != "completed" for r in rows)
+        where = path or sweep_dir
+        if not failed:
+            print(f"all {len(rows)} jobs completed; summary: {where}", flush=True)
+            return
+        print(f"{failed} of {len(rows)} jobs failed; summary: {where}", flush=True)
+        if self.fail_on_failed_jobs:
+            sys.exit(1)
 
 
 def _log_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
