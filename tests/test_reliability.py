@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,14 +156,28 @@ LONG = [
 ]
 
 
-def _start(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+def _start(tmp_path: Path, name: str, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     run_dir = tmp_path / name
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", **(env or {})}
     if any(a.startswith("callbacks.on_signal.requeue") for a in args):
         env.update(PATH=env.pop("FLOWDIFF_TEST_PATH"), SLURM_JOB_ID="4242")
     cmd = [sys.executable, "train.py", *LONG, f"hydra.run.dir={run_dir}", f"log_root={tmp_path}", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_not_ignored,
+    )
     return proc, run_dir
+
+
+def _ctrl_c_not_ignored() -> None:
+    """A shell's background job ignores SIGINT, and a process started with SIGINT ignored keeps ignoring it; a user's
+    training in a terminal does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float = 120) -> int:
@@ -182,11 +197,12 @@ def _wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float
     raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
-    """SIGTERM / SIGUSR1: last.ckpt of the very step, exit 128 + signum, one sentence; then the run goes on from it
-    (SIGTERM: with ckpt_path=last, as a user would; SIGUSR1: restarted in its own run directory, as a requeued
-    SLURM job is)."""
+    """SIGTERM / Ctrl-C (SIGINT) / SIGUSR1: last.ckpt of the very step, exit 128 + signum, one sentence; then the run
+    goes on from it (SIGTERM and Ctrl-C: with ckpt_path=last, as a user would; SIGUSR1: restarted in its own run
+    directory, as a requeued SLURM job is). Ctrl-C used to go through Lightning's 'graceful shutdown': exit 1, only
+    the last periodic checkpoint, no line saying how to resume."""
     requeue = []
     if signum == signal.SIGUSR1:  # as inside a SLURM job with requeue on: a stand-in scontrol records the call
         bin_dir = tmp_path / "bin"
@@ -212,7 +228,7 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
 
     # resumed in-process (a second interpreter start is 6 s of CPU the test does not need)
     goal = [*LONG, f"log_root={tmp_path}", f"trainer.max_steps={step + 5}"]  # the same overrides, but longer
-    if signum == signal.SIGTERM:
+    if signum in (signal.SIGTERM, signal.SIGINT):
         resume_dir, cfg = tmp_path / "resumed", compose_cfg([*goal, "ckpt_path=last"], tmp_path / "resumed")
     else:
         resume_dir, cfg = run_dir, compose_cfg(goal, run_dir)
@@ -221,6 +237,32 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
     # the periodic and the end-of-run checkpoints share one last.ckpt (Lightning would add last-v1.ckpt)
     assert not list((resume_dir / "checkpoints").glob("last-v*.ckpt"))
     assert torch.load(resume_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 5
+
+
+def test_a_second_ctrl_c_while_saving_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path):
+    """Ctrl-C, then Ctrl-C again while the checkpoint of the step in progress is being written (a test callback makes
+    the write take 20 s): the run stops at once (exit 130, one sentence), the half-written file never replaces
+    last.ckpt, which still holds the last periodic checkpoint whole, and no temporary file is left behind."""
+    marker = tmp_path / "saving"
+    slow = ["+callbacks.slow_save._target_=helpers.SlowSave", f"+callbacks.slow_save.marker={marker}"]
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    proc, run_dir = _start(tmp_path, "run", *slow, env={"PYTHONPATH": path})
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = _wait_for_step(proc, last, 25)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - start < 15, err[-2000:]
+    assert "Ctrl-C: saving the step in progress" in err and "stopped: SIGINT again: stopped without saving" in err
+    assert "Traceback" not in err
+    held = torch.load(last, weights_only=False)["global_step"]
+    assert held % 25 == 0 and held >= before  # a periodic checkpoint, whole
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
 
 
 def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path):
@@ -262,6 +304,16 @@ def _with(overrides: list[str], base: list[str] = FAST) -> list[str]:
         (["data.batch_size=0"], r"data.batch_size=0 is out of range: set it to at least 1"),
         (["trainer.gradient_clip_val=-1"], r"trainer.gradient_clip_val=-1 is out of range: set it to a positive norm"),
         (["net=unet"], r"net=unet is for images \(C, H, W\), but the data has shape \(2,\): use net=mlp"),
+        # every sampler's settings, checked where the sampler is built (once each), named by their key
+        (["sampler=dopri5", "sampler.rtol=-1"], r"sampler.rtol=-1 is out of range: set it to a positive relative"),
+        (["sampler=dopri5", "sampler.atol=0"], r"sampler.atol=0 is out of range: set it to a positive absolute"),
+        (["sampler=heun", "sampler.steps=0"], r"sampler.steps=0 is out of range: set it to at least 1"),
+        (["+sampler.t_min=1.5"], r"sampler.t_min=1.5 is out of range: set it to a time in \[0, 1\)"),
+        (["+sampler.t_min=0.5", "+sampler.t_max=0.2"], r"sampler.t_max=0.2 is out of range: set it to a time in \(0.5"),
+        (["objective=score", "sampler=ddim", "sampler.eta=1.5"], r"sampler.eta=1.5 is out of range: .*0 <= eta <= 1"),
+        (["objective=score", "sampler=euler_maruyama", "sampler.sigma=-2"], r"sampler.sigma=-2 is out of range"),
+        (["objective=score", "sampler=euler_maruyama", "sampler.langevin_steps=-1"], r"sampler.langevin_steps=-1"),
+        (["objective=score", "sampler=euler_maruyama", "sampler.langevin_step=0"], r"sampler.langevin_step=0 is"),
     ],
 )
 def test_out_of_range_values_are_one_sentence(tmp_path, overrides, message):
@@ -271,6 +323,26 @@ def test_out_of_range_values_are_one_sentence(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
         build_module(cfg, build_datamodule(cfg))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["a file", "read-only", "sweep"])
+def test_an_impossible_run_directory_is_one_sentence_before_anything_runs(tmp_path, where):
+    """A run directory under a file, under a read-only mount (/proc: even root cannot write there), or a sweep
+    directory that cannot be made: one sentence naming the path, the reason and the key, exit 2, no traceback, in about
+    a second (before torch loads). It used to be a traceback from inside Hydra's directory creation."""
+    (tmp_path / "a-file").write_text("x")
+    target = {"a file": tmp_path / "a-file" / "run", "read-only": Path("/proc/flowdiff-test/run")}.get(where)
+    args = ["-m", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'a-file' / 'sweep'}"] if where == "sweep" else []
+    args += [] if target is None else [f"hydra.run.dir={target}"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    key = "hydra.sweep.dir" if where == "sweep" else "hydra.run.dir"
+    path = tmp_path / "a-file" / "sweep" if where == "sweep" else target
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    reason = "No such file or directory" if where == "read-only" else "Not a directory"
+    assert (
+        proc.stderr.strip()
+        == f"config error: the run directory cannot create {path}: {reason}: set {key}=<a writable folder>"
+    )
 
 
 def test_a_typo_in_a_group_lists_the_options(tmp_path):
@@ -323,6 +395,108 @@ def test_image_values_that_do_not_fit_the_data_are_one_sentence(tmp_path, mnist,
     assert not (tmp_path / "checkpoints").exists()  # stopped before training
 
 
+def _corrupt_mnist(raw: Path, how: str) -> tuple[Path, str]:
+    """Damage one idx file of a tiny MNIST under ``raw``; the file and what the message must say."""
+    import struct
+
+    images, labels = raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte"
+    data = images.read_bytes()
+    if how == "truncated":
+        images.write_bytes(data[:1000])
+        return images, r"holds 1000 bytes, but its header promises 64 images, 50192 bytes \(truncated\)"
+    if how == "wrong magic":
+        images.write_bytes(struct.pack(">I", 2049) + data[4:])
+        return images, r"starts with magic number 2049, not 2051 \(an idx file of images\)"
+    if how == "wrong dimensions":
+        images.write_bytes(struct.pack(">IIII", 2051, 64, 32, 24) + data[16:])
+        return images, "holds images of 32 x 24 pixels, not 28 x 28"
+    if how == "labels out of range":
+        values = bytearray(labels.read_bytes())
+        values[8 + 5] = 12
+        labels.write_bytes(bytes(values))
+        return labels, r"holds label 12 \(item 5\), outside 0..9"
+    if how == "empty file":
+        labels.write_bytes(b"")
+        return labels, r"is empty \(0 bytes\)"
+    # labels for another number of images
+    labels.write_bytes(struct.pack(">II", 2049, 63) + labels.read_bytes()[8:-1])
+    return labels, "holds 63 labels for 64 images"
+
+
+def _corrupt_cifar(folder: Path, how: str) -> tuple[Path, str]:
+    import pickle
+
+    import numpy as np
+
+    batch = folder / "data_batch_2"
+    entry = pickle.loads(batch.read_bytes())
+    if how == "truncated":
+        batch.write_bytes(batch.read_bytes()[:500])
+        return batch, r"is not a readable pickle \(.*; truncated\?\)"
+    if how == "empty file":
+        batch.write_bytes(b"")
+        return batch, r"is empty \(0 bytes\)"
+    if how == "wrong dimensions":
+        entry["data"] = entry["data"][:, :1024]
+        batch.write_bytes(pickle.dumps(entry))
+        return batch, r"holds data of shape \(24, 1024\) and dtype uint8, not \(n, 3072\) uint8"
+    if how == "wrong dtype":
+        entry["data"] = entry["data"].astype(np.float32)
+        batch.write_bytes(pickle.dumps(entry))
+        return batch, r"holds data of shape \(24, 3072\) and dtype float32, not \(n, 3072\) uint8"
+    if how == "labels out of range":
+        entry["labels"][3] = 10
+        batch.write_bytes(pickle.dumps(entry))
+        return batch, "holds label 10, outside 0..9"
+    batch.write_bytes(pickle.dumps([1, 2, 3]))  # another pickle
+    return batch, r"is not a CIFAR-10 batch \(a dict with data and labels; found list\)"
+
+
+MNIST_DAMAGE = ["truncated", "wrong magic", "wrong dimensions", "labels out of range", "empty file", "label count"]
+CIFAR_DAMAGE = ["truncated", "empty file", "wrong dimensions", "wrong dtype", "labels out of range", "not a batch"]
+
+
+@pytest.mark.parametrize("dataset,how", [("mnist", h) for h in MNIST_DAMAGE] + [("cifar10", h) for h in CIFAR_DAMAGE])
+def test_corrupt_dataset_files_are_one_sentence_before_training(tmp_path, dataset, how):
+    """Every way a file can be damaged that a test can make, for MNIST's idx files and CIFAR-10's pickles: refused
+    when the datamodule is built, in one sentence naming the file, what was expected and what was found, and the
+    fix. A truncated idx file used to pass start-up and stop trainer.fit with torchvision's RuntimeError."""
+    import numpy as np
+
+    from flowdiff.cli.build import build_datamodule
+    from flowdiff.data.formats import write_cifar10
+    from helpers import tiny_mnist
+
+    if dataset == "mnist":
+        root = tiny_mnist(tmp_path / "data")
+        path, what = _corrupt_mnist(root / "MNIST" / "raw", how)
+    else:
+        root = tmp_path / "data"
+        write_cifar10(root, np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3)), np.arange(24) % 10)
+        path, what = _corrupt_cifar(root / "cifar-10-batches-py", how)
+    cfg = compose_cfg([f"data={dataset}", f"data.root={root}", "data.verify_md5=false", "net=unet"], tmp_path / "r")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))} {what}: fetch a fresh copy, or set data.download"):
+        build_datamodule(cfg)
+
+
+def test_corrupt_images_in_a_folder_are_left_out_by_name(tmp_path):
+    """An image folder is checked image by image: an empty file and one that is no image (wrong magic) are left out
+    with the warning that names them (a folder of thousands of images trains on the good ones), and a folder with
+    nothing readable is one sentence."""
+    import numpy as np
+
+    from flowdiff.data.formats import write_image_folder
+    from flowdiff.data.images import ImageDataModule
+
+    root = tmp_path / "folder"
+    write_image_folder(root, np.random.default_rng(0).integers(0, 256, (6, 20, 26, 3)), np.arange(6) % 2, ["a", "b"])
+    (root / "a" / "empty.png").write_bytes(b"")
+    (root / "b" / "magic.png").write_bytes(b"GIF89a" + b"\x00" * 100)
+    with pytest.warns(UserWarning, match=r"left out 2 unreadable or truncated images \(e.g. .*empty.png\)"):
+        dm = ImageDataModule("image_folder", str(root), image_size=16, num_workers=0)
+    assert len(dm._scan.samples) == 6 and not any("magic" in p for p, _ in dm._scan.samples)
+
+
 def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
     import numpy as np
     from PIL import Image
@@ -361,7 +535,8 @@ def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
 def test_a_failing_job_never_stops_its_siblings(tmp_path):
     """A 2 x 2 multirun (optimizer x seed) whose NoSuchOptimizer jobs raise: they are logged, the AdamW jobs finish,
     each job has its own folder (seeds once shared one, each overwriting the last) with different results per seed,
-    and the sweep's summary lists all four, the failed ones with their reason."""
+    and the sweep's summary lists all four, the failed ones with their reason; the command then exits 1 (it exited
+    0, so a script running a sweep could not tell)."""
     import csv
 
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
@@ -373,7 +548,9 @@ def test_a_failing_job_never_stops_its_siblings(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # all four ran; then the exit status tells that two failed, and the last line how many and where to look
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"2 of 4 jobs failed; summary: {tmp_path / 'summary.md'}"
     jobs = {}  # (optimizer, seed) -> folder (the names are too long to hold them: see flowdiff.cli.job_dir)
     for saved in tmp_path.glob("*/.hydra/overrides.yaml"):
         items = dict(o.split("=", 1) for o in saved.read_text().replace("- ", "").split())
