@@ -161,4 +161,7 @@ def test_sample_refuses_a_solver_setting_out_of_range(trained, tmp_path):
     args = [f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", "sampler=dopri5", "sampler.rtol=-1"]
     with pytest.raises(ConfigError, match=r"^sampler.rtol=-1 is out of range: set it to a positive relative tolerance"):
         sample(compose_cfg(args, tmp_path, config="sample"))
+    nll = [f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", "nll.n=10", "nll.atol=0"]  # the likelihood's solver too
+    with pytest.raises(ConfigError, match=r"^nll.atol=0 is out of range: set it to a positive absolute tolerance"):
+        sample(compose_cfg(nll, tmp_path, config="sample"))
     assert not (tmp_path / "samples.pt").exists()

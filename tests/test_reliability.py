@@ -156,28 +156,31 @@ LONG = [
 ]
 
 
-def _start(tmp_path: Path, name: str, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+def _start(
+    tmp_path: Path, name: str, *args: str, env: dict | None = None, base: list[str] = LONG
+) -> tuple[subprocess.Popen, Path]:
     run_dir = tmp_path / name
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", **(env or {})}
     if any(a.startswith("callbacks.on_signal.requeue") for a in args):
         env.update(PATH=env.pop("FLOWDIFF_TEST_PATH"), SLURM_JOB_ID="4242")
-    cmd = [sys.executable, "train.py", *LONG, f"hydra.run.dir={run_dir}", f"log_root={tmp_path}", *args]
+    cmd = [sys.executable, "train.py", *base, f"hydra.run.dir={run_dir}", f"log_root={tmp_path}", *args]
+    # as a command in a terminal: SIGINT not ignored (a background job of a shell script ignores it, and so would the
+    # process it starts), and a process group of its own, which Ctrl-C reaches whole (see _send)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_ctrl_c_not_ignored,
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0
     )
     return proc, run_dir
 
 
-def _ctrl_c_not_ignored() -> None:
-    """A shell's background job ignores SIGINT, and a process started with SIGINT ignored keeps ignoring it; a user's
-    training in a terminal does not."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _send(proc: subprocess.Popen, signum: int) -> None:
+    """Ctrl-C as a terminal sends it, to the whole process group (DataLoader workers included); others to the
+    process."""
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
 
 
 def _wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float = 120) -> int:
@@ -214,7 +217,7 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
     proc, run_dir = _start(tmp_path, "run", *requeue)
     last = run_dir / "checkpoints" / "last.ckpt"
     _wait_for_step(proc, last, 25)
-    proc.send_signal(signum)
+    _send(proc, signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, err[-2000:]
     name = signal.Signals(signum).name
@@ -241,25 +244,33 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
 
 def test_a_second_ctrl_c_while_saving_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path):
     """Ctrl-C, then Ctrl-C again while the checkpoint of the step in progress is being written (a test callback makes
-    the write take 20 s): the run stops at once (exit 130, one sentence), the half-written file never replaces
-    last.ckpt, which still holds the last periodic checkpoint whole, and no temporary file is left behind."""
+    the write take 20 s), on image data read by two DataLoader workers (which get both signals too, as in a terminal,
+    where Ctrl-C reaches the whole process group): the run stops at once (exit 130, one sentence, no traceback from a
+    worker), the half-written file never replaces last.ckpt, which still holds the last periodic checkpoint whole,
+    and no temporary file is left behind."""
+    from helpers import TINY_UNET, tiny_mnist
+
+    tiny_mnist(tmp_path / "data")
+    images = ["data=mnist", f"data.root={tmp_path / 'data'}", *TINY_UNET, "data.batch_size=8", "data.num_workers=2"]
+    images += ["callbacks.image_metrics=null", "callbacks.grid=null"]  # no validation: it stops when told to
+    images += [o for o in LONG if not o.startswith(("data=", "data.batch_size", "callbacks.metrics", "callbacks.plot"))]
     marker = tmp_path / "saving"
     slow = ["+callbacks.slow_save._target_=helpers.SlowSave", f"+callbacks.slow_save.marker={marker}"]
     path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
-    proc, run_dir = _start(tmp_path, "run", *slow, env={"PYTHONPATH": path})
+    proc, run_dir = _start(tmp_path, "run", *slow, env={"PYTHONPATH": path}, base=images)
     last = run_dir / "checkpoints" / "last.ckpt"
     before = _wait_for_step(proc, last, 25)
-    proc.send_signal(signal.SIGINT)
+    _send(proc, signal.SIGINT)
     deadline = time.time() + 60
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert marker.exists(), proc.communicate()
     start = time.time()
-    proc.send_signal(signal.SIGINT)
+    _send(proc, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and time.time() - start < 15, err[-2000:]
-    assert "Ctrl-C: saving the step in progress" in err and "stopped: SIGINT again: stopped without saving" in err
-    assert "Traceback" not in err
+    assert err.count("Ctrl-C: saving the step in progress") == 1  # once: not again from each worker
+    assert "stopped: SIGINT again: stopped without saving" in err and "Traceback" not in err
     held = torch.load(last, weights_only=False)["global_step"]
     assert held % 25 == 0 and held >= before  # a periodic checkpoint, whole
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
@@ -314,6 +325,10 @@ def _with(overrides: list[str], base: list[str] = FAST) -> list[str]:
         (["objective=score", "sampler=euler_maruyama", "sampler.sigma=-2"], r"sampler.sigma=-2 is out of range"),
         (["objective=score", "sampler=euler_maruyama", "sampler.langevin_steps=-1"], r"sampler.langevin_steps=-1"),
         (["objective=score", "sampler=euler_maruyama", "sampler.langevin_step=0"], r"sampler.langevin_step=0 is"),
+        (["sampler.steps=abc"], r"sampler.steps='abc' is not a number: set it to at least 1"),
+        (["sampler.steps=2.5"], r"sampler.steps=2.5 is not a whole number: set it to at least 1"),
+        (["sampler=dopri5", "sampler.rtol=tight"], r"sampler.rtol='tight' is not a number: set it to a positive"),
+        (["callbacks.metrics.nfe=[1,0]"], r"callbacks.metrics.nfe holds 0: set it to step counts of at least 1"),
     ],
 )
 def test_out_of_range_values_are_one_sentence(tmp_path, overrides, message):
@@ -339,9 +354,9 @@ def test_an_impossible_run_directory_is_one_sentence_before_anything_runs(tmp_pa
     path = tmp_path / "a-file" / "sweep" if where == "sweep" else target
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     reason = "No such file or directory" if where == "read-only" else "Not a directory"
-    assert (
-        proc.stderr.strip()
-        == f"config error: the run directory cannot create {path}: {reason}: set {key}=<a writable folder>"
+    assert proc.stderr.strip() == (
+        f"config error: cannot create the run directory {path} ({reason}): set {key}=<a writable folder> "
+        "(or log_root=<one>, under which runs go by default)"
     )
 
 
@@ -456,7 +471,10 @@ MNIST_DAMAGE = ["truncated", "wrong magic", "wrong dimensions", "labels out of r
 CIFAR_DAMAGE = ["truncated", "empty file", "wrong dimensions", "wrong dtype", "labels out of range", "not a batch"]
 
 
-@pytest.mark.parametrize("dataset,how", [("mnist", h) for h in MNIST_DAMAGE] + [("cifar10", h) for h in CIFAR_DAMAGE])
+@pytest.mark.parametrize(
+    "dataset,how",
+    [("mnist", h) for h in MNIST_DAMAGE] + [("fashion_mnist", "truncated")] + [("cifar10", h) for h in CIFAR_DAMAGE],
+)
 def test_corrupt_dataset_files_are_one_sentence_before_training(tmp_path, dataset, how):
     """Every way a file can be damaged that a test can make, for MNIST's idx files and CIFAR-10's pickles: refused
     when the datamodule is built, in one sentence naming the file, what was expected and what was found, and the
@@ -467,22 +485,27 @@ def test_corrupt_dataset_files_are_one_sentence_before_training(tmp_path, datase
     from flowdiff.data.formats import write_cifar10
     from helpers import tiny_mnist
 
-    if dataset == "mnist":
-        root = tiny_mnist(tmp_path / "data")
-        path, what = _corrupt_mnist(root / "MNIST" / "raw", how)
+    if dataset in ("mnist", "fashion_mnist"):
+        folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[dataset]
+        root = tiny_mnist(tmp_path / "data", folder=folder)
+        path, what = _corrupt_mnist(root / folder / "raw", how)
     else:
         root = tmp_path / "data"
         write_cifar10(root, np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3)), np.arange(24) % 10)
         path, what = _corrupt_cifar(root / "cifar-10-batches-py", how)
-    cfg = compose_cfg([f"data={dataset}", f"data.root={root}", "data.verify_md5=false", "net=unet"], tmp_path / "r")
-    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))} {what}: fetch a fresh copy, or set data.download"):
-        build_datamodule(cfg)
+    cfg_args = [f"data={dataset}", f"data.root={root}", "data.verify_md5=false", "net=unet"]
+    fix = re.escape(": copy it again, or delete it and set data.download=true where there is internet")
+    for download in ("false", "true"):  # a download fetches only missing files: it would not mend this one
+        cfg = compose_cfg([*cfg_args, f"data.download={download}"], tmp_path / "r")
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(path))} {what}{fix}"):
+            build_datamodule(cfg)
 
 
 def test_corrupt_images_in_a_folder_are_left_out_by_name(tmp_path):
-    """An image folder is checked image by image: an empty file and one that is no image (wrong magic) are left out
-    with the warning that names them (a folder of thousands of images trains on the good ones), and a folder with
-    nothing readable is one sentence."""
+    """An image folder is checked image by image when it is scanned (already before this round: this pins the two
+    kinds of damage the issue names that the truncated-file test above does not): an empty file and one that is no
+    image (wrong magic) are left out with the warning that names them, and a folder of thousands of images trains on
+    the good ones."""
     import numpy as np
 
     from flowdiff.data.formats import write_image_folder
@@ -624,6 +647,64 @@ def test_a_requeue_signal_saves_then_hands_over_to_the_launchers_handler(tmp_pat
         signal.signal(signal.SIGUSR2, previous)
     assert calls == [signal.SIGUSR2]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_ctrl_c_during_the_final_evaluation_saves_and_stops(tmp_path):
+    """A Ctrl-C that lands in the last validation (an FID can take minutes) is not dropped: the run saves, stops with
+    the resume line and writes no metrics.json (it used to finish as if nothing had happened); afterwards the process
+    has its own handlers back."""
+    import lightning as L
+
+    import flowdiff.cli.train as train_cli
+    from flowdiff.errors import TrainingInterrupted
+
+    class CtrlCInTheLastValidation(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            if trainer.global_step == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    build = train_cli.build_callbacks
+    try:
+        train_cli.build_callbacks = lambda cfg, kind=None: [CtrlCInTheLastValidation(), *build(cfg, kind)]
+        with pytest.raises(TrainingInterrupted, match=r"^SIGINT received: saved step 6 to .*last.ckpt; resume with"):
+            train(compose_cfg([*FAST, "callbacks.plot=null"], tmp_path))
+    finally:
+        train_cli.build_callbacks = build
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert not (tmp_path / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGINT) is before  # Lightning's teardown would have put flowdiff's back
+
+
+def test_signal_handlers_are_the_processs_own_again_after_a_failed_fit(tmp_path):
+    """A fit that ends by an exception leaves no flowdiff handler behind (Lightning's teardown reinstalled the ones
+    it found at its start, flowdiff's): a later Ctrl-C in the same process (pytest, a notebook) interrupts it."""
+    import lightning as L
+
+    import flowdiff.cli.train as train_cli
+
+    class Fails(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            raise RuntimeError("boom")
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    build = train_cli.build_callbacks
+    try:
+        train_cli.build_callbacks = lambda cfg, kind=None: [Fails(), *build(cfg, kind)]
+        with pytest.raises(RuntimeError, match="boom"):
+            train(compose_cfg([*FAST, "callbacks.plot=null"], tmp_path))
+    finally:
+        train_cli.build_callbacks = build
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_failed_job_returns_no_value_to_the_sweeper(tmp_path, monkeypatch):
+    """In a multirun a failed job returns None, not NaN: Optuna's sweeper then records a failed trial (a NaN made
+    study.tell raise and stopped the study after its first failure)."""
+    import flowdiff.cli.train as train_cli
+
+    monkeypatch.setattr(train_cli, "_multirun", lambda: True)
+    assert train_cli.main(compose_cfg([*FAST, "optimizer.weight_decay=-1"], tmp_path)) is None
 
 
 def test_training_in_a_thread_runs_without_signal_handlers(tmp_path):

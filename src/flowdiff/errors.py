@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class ConfigError(ValueError):
     """A combination of config choices, a file or a value that cannot work; the message says what to change."""
@@ -17,7 +19,17 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM or SIGUSR1 stopped training after a checkpoint was saved; the message says how to resume."""
+    """A signal (SIGTERM, Ctrl-C, SIGUSR1) stopped training after a checkpoint was saved; the message says how to
+    resume."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopNow(BaseException):
+    """A second Ctrl-C: stop at once, without saving. A ``BaseException`` (not a ``KeyboardInterrupt``, which
+    Lightning turns into its own shutdown), so that no ``except Exception`` on the way swallows it."""
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
@@ -25,15 +37,26 @@ class TrainingInterrupted(RuntimeError):
 
 
 class SettingError(ValueError):
-    """A constructor argument outside its range: ``name``, its ``value`` and what it must be. Whoever built the object
-    from a config adds the key's path (``sampler.rtol=-1 is out of range: ...``)."""
+    """A constructor argument outside its range (or not a number): ``name``, its ``value`` and what it must be.
+    Whoever built the object from a config adds the key's path (``sampler.rtol=-1 is out of range: ...``)."""
 
-    def __init__(self, name: str, value: object, requirement: str) -> None:
-        super().__init__(f"{name}={value} is out of range: set it to {requirement}")
+    def __init__(self, name: str, value: object, requirement: str, why: str = "is out of range") -> None:
+        super().__init__(f"{name}={value!r} {why}: set it to {requirement}")
         self.name, self.value, self.requirement = name, value, requirement
 
 
-def check_setting(name: str, value: object, ok: bool, requirement: str) -> None:
-    """Raise :class:`SettingError` unless ``ok``: one check, in the class whose argument it is."""
-    if not ok:
+def check_setting(name: str, value: object, ok: Callable[[float], bool], requirement: str, whole: bool = False) -> None:
+    """Raise :class:`SettingError` unless ``value`` is a number (a whole one if ``whole``) for which ``ok(value)``
+    holds: one check, in the class whose argument it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingError(name, value, requirement, "is not a number")
+    if whole and value != int(value):
+        raise SettingError(name, value, requirement, "is not a whole number")
+    if not ok(value):
         raise SettingError(name, value, requirement)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise :class:`SettingError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise SettingError(name, value, " or ".join(choices), "is not a choice")

@@ -171,6 +171,9 @@ class SweepSummary(Callback):
             _log_to_wandb(config, sweep_dir)
         failed = sum(r["status"] != "completed" for r in rows)
         where = path or sweep_dir
+        if not rows:
+            print(f"no job records under {sweep_dir} (hydra.output_subdir=null?): no summary", flush=True)
+            return
         if not failed:
             print(f"all {len(rows)} jobs completed; summary: {where}", flush=True)
             return

@@ -238,6 +238,10 @@ def check_values(cfg: DictConfig, datamodule) -> None:
         value = _number(cfg, key)
         if value is not None and not ok(value):
             raise ConfigError(f"{key}={value} is out of range: set it to {what}")
+    for key in ("callbacks.metrics.nfe", "callbacks.image_metrics.nfe"):  # the end-of-run profiles' step counts
+        for k in OmegaConf.select(cfg, key, default=None) or ():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ConfigError(f"{key} holds {k!r}: set it to step counts of at least 1, such as [1, 2, 4, 8]")
 
 
 def validate(cfg: DictConfig, datamodule) -> None:

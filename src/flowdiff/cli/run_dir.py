@@ -21,13 +21,13 @@ def unwritable(path: Path) -> str | None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        return f"cannot create {path}: {err.strerror or err}"
+        return f"cannot create the run directory {path} ({err.strerror or err})"
     probe = path / f".flowdiff-write-test-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        return f"cannot write in {path}: {err.strerror or err}"
+        return f"cannot write in the run directory {path} ({err.strerror or err})"
     return None
 
 
@@ -38,7 +38,8 @@ class RunDirectoryCheck(Callback):
     def _check(self, directory: str, key: str) -> None:
         why = unwritable(Path(directory))
         if why is not None:
-            print(f"config error: the run directory {why}: set {key}=<a writable folder>", file=sys.stderr, flush=True)
+            fix = f"set {key}=<a writable folder> (or log_root=<one>, under which runs go by default)"
+            print(f"config error: {why}: {fix}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -19,6 +19,7 @@ from flowdiff.callbacks.images import MIN_N, balanced_labels, build_extractor, d
 from flowdiff.checkpointing import check_weights_fit, read_checkpoint
 from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from, plain_dict, validate
 from flowdiff.data.images import to_uint8, to_unit
+from flowdiff.errors import SettingError, check_setting
 from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
 from flowdiff.metrics import w2
 from flowdiff.metrics.images import (
@@ -92,11 +93,8 @@ def sample(cfg: DictConfig) -> dict:
     if n < 1:
         raise ConfigError(f"n={n} is invalid: ask for at least one sample")
     nll_n = int(cfg.get("nll", {}).get("n", 0) or 0)
-    if nll_n > 0 and not dm.gaussian_source:
-        raise ConfigError(
-            f"nll.n={nll_n} needs the density of the source, but this model flows from data.source={dm.source_name}: "
-            "drop nll.n"
-        )
+    if nll_n > 0:
+        _check_nll(cfg.nll, dm)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = {
@@ -247,6 +245,22 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
         out["class_acc"] = float((classifier.to(dev).predict(x) == y).float().mean())
         print(f"class accuracy of the samples (classifier's labels vs the requested ones): {out['class_acc']:.3f}")
     return out
+
+
+def _check_nll(lcfg, dm) -> None:
+    """The likelihood's settings, before anything is sampled: each out of range is one sentence naming its key."""
+    if not dm.gaussian_source:
+        raise ConfigError(
+            f"nll.n={lcfg.n} needs the density of the source, but this model flows from data.source={dm.source_name}: "
+            "drop nll.n"
+        )
+    try:
+        check_setting("rtol", lcfg.get("rtol", 1e-5), lambda v: v > 0, "a positive relative tolerance, such as 1e-5")
+        check_setting("atol", lcfg.get("atol", 1e-5), lambda v: v > 0, "a positive absolute tolerance, such as 1e-5")
+        check_setting("probes", lcfg.get("probes", 1), lambda v: v >= 1, "at least 1 Hutchinson probe", whole=True)
+        check_setting("batch_size", lcfg.get("batch_size", 250), lambda v: v >= 1, "at least 1", whole=True)
+    except SettingError as err:
+        raise ConfigError(f"nll.{err}") from None
 
 
 def _likelihood(cfg, module, dm, n: int, device: str) -> dict:

@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from flowdiff.callbacks import (
 from flowdiff.checkpointing import AtomicCheckpointIO, check_weights_fit, read_checkpoint, resume_path
 from flowdiff.cli import device_count
 from flowdiff.cli.build import build_datamodule, build_module, load_teacher
-from flowdiff.errors import ConfigError, NonFiniteLoss, TrainingInterrupted
+from flowdiff.errors import ConfigError, NonFiniteLoss, StopNow, TrainingInterrupted
 from flowdiff.metrics.images import fid_report, kid_report
 from flowdiff.sweeps import JOB_RECORD
 
@@ -140,8 +142,23 @@ def fit(cfg: DictConfig):
             else "pairs within each device's batch",
         )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with _signal_handlers_kept():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module, datamodule, trainer, callbacks, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """The process's signal handlers as they were before ``fit``, whatever fit and Lightning's teardown left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in CheckpointOnSignal.signals}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -250,7 +267,7 @@ def _write_job_record(cfg: DictConfig, record: dict) -> None:
     (run_dir / JOB_RECORD).write_text(json.dumps(record, indent=2, default=str))
 
 
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     """Hydra task: one sentence on a bad combination; in a multirun a failed job does not stop the others.
 
     Every job leaves ``job.json`` (completed with its metrics, or failed with its one-line reason)."""
@@ -274,7 +291,7 @@ def main(cfg: DictConfig) -> float:
     try:
         with pinned_device(cfg) as device:
             metrics = train(cfg)
-    except TrainingInterrupted as err:  # the whole process was told to stop, multirun or not: exit 128 + signum
+    except (TrainingInterrupted, StopNow) as err:  # the whole process was told to stop, multirun or not: 128 + signum
         record("interrupted", str(err))
         print(f"stopped: {err}", file=sys.stderr, flush=True)
         sys.exit(128 + err.signum)
@@ -283,7 +300,7 @@ def main(cfg: DictConfig) -> float:
         record("failed", f"{prefix}: {err}")
         if _multirun():
             log.error("%s: %s", prefix, err)
-            return math.nan
+            return None
         print(f"{prefix}: {err}", file=sys.stderr)
         sys.exit(code)
     except Exception as err:
@@ -291,6 +308,7 @@ def main(cfg: DictConfig) -> float:
         if not _multirun():
             raise
         log.exception("job failed; the multirun goes on")
-        return math.nan
+        return None
     record("completed", metrics=metrics)
-    return metrics.get(cfg.get("optimized_metric", "val/w2"), math.nan)
+    # None (not NaN) when there is no value: Optuna's sweeper then marks the trial failed, where a NaN stops it
+    return metrics.get(cfg.get("optimized_metric", "val/w2"))

@@ -18,7 +18,7 @@ import numpy as np
 
 from flowdiff.errors import DataError
 
-FIX = "fetch a fresh copy, or set data.download=true where there is internet"
+FIX = "copy it again, or delete it and set data.download=true where there is internet (only missing files are fetched)"
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # idx3 (unsigned bytes, 3 dimensions), idx1
 
 
@@ -43,6 +43,8 @@ def check_idx(path: Path, kind: str, shape: tuple[int, int] = (28, 28), classes:
     magic, n, *dims = _read_header(path, ints)
     if magic != IDX_MAGIC[kind]:
         raise _bad(path, f"starts with magic number {magic}, not {IDX_MAGIC[kind]} (an idx file of {kind})")
+    if n == 0:
+        raise _bad(path, f"holds no {kind} (its header says 0)")
     if kind == "images" and tuple(dims) != shape:
         raise _bad(path, f"holds images of {dims[0]} x {dims[1]} pixels, not {shape[0]} x {shape[1]}")
     expected = 4 * ints + n * int(np.prod(shape) if kind == "images" else 1)
@@ -78,7 +80,7 @@ def check_cifar_batch(path: Path, classes: int = 10) -> int:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
         raise _bad(path, f"is not a readable pickle ({type(err).__name__}: {err}; truncated?)") from None
     if not isinstance(batch, dict) or "data" not in batch or not ({"labels", "fine_labels"} & set(batch)):
-        found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        found = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise _bad(path, f"is not a CIFAR-10 batch (a dict with data and labels; found {found})")
     data = np.asarray(batch["data"])
     labels = np.asarray(batch.get("labels", batch.get("fine_labels")))
@@ -86,6 +88,8 @@ def check_cifar_batch(path: Path, classes: int = 10) -> int:
         raise _bad(path, f"holds data of shape {data.shape} and dtype {data.dtype}, not (n, 3072) uint8")
     if labels.shape != (len(data),):
         raise _bad(path, f"holds {labels.size} labels for {len(data)} images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise _bad(path, f"holds labels of type {labels.dtype}, not class indices")
     if labels.size and not (0 <= labels.min() and labels.max() < classes):
         bad = labels[(labels < 0) | (labels >= classes)][0]
         raise _bad(path, f"holds label {int(bad)}, outside 0..{classes - 1}")

@@ -258,9 +258,11 @@ class ImageDataModule(L.LightningDataModule):
         else:
             self._channels = NATIVE_SHAPE[dataset][0]
             self._classes = NUM_CLASSES[dataset]
-            if not download and not all((self.root / f).is_file() for f in EXPECTED_FILES[dataset]):
+            present = all((self.root / f).is_file() for f in EXPECTED_FILES[dataset])
+            if not download and not present:
                 raise self._missing()  # at start-up, not deep inside the first epoch
-            if not download:  # files of the wrong size, magic, shape or labels: one sentence now, not mid-training
+            if present:  # files of the wrong size, magic, shape or labels: one sentence now, not mid-training (a
+                # download fetches only missing files, so it would not mend them)
                 CHECKS[dataset](self.root / Path(EXPECTED_FILES[dataset][0]).parent)
         self._train: Dataset | None = None
         self._val: Dataset | None = None

@@ -81,10 +81,12 @@ class Sampler:
     evaluations_per_step: int = 1
 
     def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0, denoise: bool = True) -> None:
-        check_setting("steps", steps, steps >= 1, "at least 1 (a sampler needs at least one step)")
-        check_setting("t_min", t_min, 0 <= t_min < 1, "a time in [0, 1) (t = 0 is the noise)")
-        check_setting("t_max", t_max, t_min < t_max <= 1, f"a time in ({t_min:g}, 1] (above t_min; t = 1 is the data)")
-        self.steps = steps
+        check_setting("steps", steps, lambda v: v >= 1, "at least 1 (a sampler needs at least one step)", whole=True)
+        check_setting("t_min", t_min, lambda v: 0 <= v < 1, "a time in [0, 1) (t = 0 is the noise)")
+        check_setting(
+            "t_max", t_max, lambda v: t_min < v <= 1, f"a time in ({t_min:g}, 1] (above t_min; 1 is the data)"
+        )
+        self.steps = int(steps)
         self.t_min = t_min
         self.t_max = t_max
         self.denoise = denoise
@@ -100,6 +102,7 @@ class Sampler:
 
     def with_steps(self, steps: int) -> Sampler:
         """This sampler with ``steps`` steps (an adaptive solver, whose steps are not its own, becomes Euler's)."""
+        check_setting("steps", steps, lambda v: v >= 1, "at least 1 (a sampler needs at least one step)", whole=True)
         if self.adaptive:
             from flowdiff.samplers.ode import EulerSampler
 

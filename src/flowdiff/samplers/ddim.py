@@ -34,7 +34,7 @@ class DDIMSampler(Sampler):
         if not hasattr(path, "convert") or "data" not in path.parameterisations:
             raise ValueError("the ddim sampler needs a Gaussian path (a Gaussian source)")
         # beyond 1 the variance beta'^2 - s^2 of the eps_hat term would be negative
-        check_setting("eta", eta, 0 <= eta <= 1, "a number with 0 <= eta <= 1 (0: DDIM, 1: DDPM's ancestral sampling)")
+        check_setting("eta", eta, lambda v: 0 <= v <= 1, "a number with 0 <= eta <= 1 (0: DDIM, 1: DDPM's ancestral)")
         self.path = path
         self.eta = eta
         # its own conversions velocity -> (data, noise) must be finite too (e.g. alpha^2 schedules at t = 0)

@@ -64,8 +64,8 @@ class Dopri5Sampler(Sampler):
         denoise: bool = True,
     ):
         super().__init__(steps, t_min, t_max, denoise)
-        check_setting("rtol", rtol, rtol > 0, "a positive relative tolerance, such as 1e-5")
-        check_setting("atol", atol, atol > 0, "a positive absolute tolerance, such as 1e-5")
+        check_setting("rtol", rtol, lambda v: v > 0, "a positive relative tolerance, such as 1e-5")
+        check_setting("atol", atol, lambda v: v > 0, "a positive absolute tolerance, such as 1e-5")
         self.rtol = rtol
         self.atol = atol
 

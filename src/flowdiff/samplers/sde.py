@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from flowdiff.errors import check_setting
+from flowdiff.errors import check_choice, check_setting
 from flowdiff.samplers.base import CountedField, Sampler, SampleResult
 from flowdiff.utils import broadcast_time, full_time
 
@@ -92,14 +92,14 @@ class EulerMaruyamaSampler(Sampler):
         denoise: bool = True,
     ) -> None:
         super().__init__(steps, t_min, t_max, denoise)
-        check_setting("sigma_schedule", sigma_schedule, sigma_schedule in ("constant", "beta"), "constant or beta")
-        check_setting("sigma", sigma, sigma >= 0, "a noise scale of 0 or more (0: the ODE)")
-        check_setting("langevin_steps", langevin_steps, langevin_steps >= 0, "0 or more corrector steps")
-        check_setting("langevin_step", langevin_step, langevin_step > 0, "a positive step, such as 0.01")
+        check_choice("sigma_schedule", sigma_schedule, ("constant", "beta"))
+        check_setting("sigma", sigma, lambda v: v >= 0, "a noise scale of 0 or more (0: the ODE)")
+        check_setting("langevin_steps", langevin_steps, lambda v: v >= 0, "0 or more corrector steps", whole=True)
+        check_setting("langevin_step", langevin_step, lambda v: v > 0, "a positive step, such as 0.01")
         self.path = path
         self.sigma = sigma
         self.sigma_schedule = sigma_schedule
-        self.langevin_steps = langevin_steps
+        self.langevin_steps = int(langevin_steps)
         self.langevin_step = langevin_step
 
     @property
