@@ -277,21 +277,20 @@ def test_a_deferred_check_names_the_first_bad_step(tmp_path):
     sync per step); forced here on the CPU: a loss going NaN at step 3 stops the run at the next look, naming 3."""
     from types import SimpleNamespace
 
-    from flowdiff.module import NonFiniteLoss
+    from flowdiff.errors import NonFiniteLoss
 
     cfg = compose_cfg(FAST, tmp_path)
-    module = build_module(cfg, build_datamodule(cfg))
-    module.nan_check_every_step = False
+    guard = build_module(cfg, build_datamodule(cfg)).nan
+    guard.every_step = False
     trainer = SimpleNamespace(global_step=0, log_every_n_steps=5, checkpoint_callback=None)
-    module._trainer = trainer
     losses = [1.0, 0.5, 0.4, float("nan"), 0.3]
     for step, value in enumerate(losses[:4]):
         trainer.global_step = step
-        assert not module._loss_is_bad(torch.tensor(value))  # not a step that looks
+        assert not guard.act_now(torch.tensor(value), trainer)  # not a step that looks
     trainer.global_step = 4
-    assert module._loss_is_bad(torch.tensor(losses[4]))  # the look at step 5 finds the NaN of step 3
+    assert guard.act_now(torch.tensor(losses[4]), trainer)  # the look at step 5 finds the NaN of step 3
     with pytest.raises(NonFiniteLoss, match="at step 3; last checkpoint: none yet"):
-        module._non_finite(torch.tensor(losses[4]))
+        guard.handle(trainer)
 
 
 def test_nan_policy_skip_counts_the_skipped_batches_and_leaves_the_weights_finite(tmp_path):
@@ -300,7 +299,7 @@ def test_nan_policy_skip_counts_the_skipped_batches_and_leaves_the_weights_finit
     module = build_module(cfg, dm)
     batch = dm.draw(16)
     batch["x1"][0, 0] = float("nan")  # one poisoned data point
-    assert module.training_step(batch, 0) is None and module.skipped_batches == 1
+    assert module.training_step(batch, 0) is None and module.nan.skipped == 1
     assert torch.isfinite(module.training_step(dm.draw(16), 1))
     assert all(torch.isfinite(p).all() for p in module.parameters())
     with pytest.raises(ConfigError, match="nan_policy=often is unknown"):

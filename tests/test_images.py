@@ -11,7 +11,7 @@ from flowdiff.cli.train import train
 from flowdiff.data.formats import write_cifar10, write_image_folder
 from flowdiff.data.images import DataError, ImageDataModule, to_model, to_uint8, to_unit
 from flowdiff.guidance import ClassifierFreeGuidance
-from flowdiff.module import FlowModule
+from flowdiff.model import FlowModel
 from flowdiff.nets import ADMUNet, CourseUNet
 from flowdiff.objectives import Objective
 from flowdiff.paths import CondOTSchedule, GaussianPath
@@ -149,7 +149,7 @@ def test_guidance_on_a_unet_at_w1_and_w0():
     net = CourseUNet(
         data_shape=(1, 16, 16), channels=(8, 16), num_residual_layers=1, t_embed_dim=8, y_embed_dim=8, num_classes=10
     )
-    module = FlowModule(
+    module = FlowModel(
         net,
         GaussianPath(CondOTSchedule()),
         Objective.from_name("cfm"),
@@ -179,7 +179,7 @@ def test_label_dropout_happens_in_training():
             seen.append(y.clone())
             return x * self.w
 
-    module = FlowModule(
+    module = FlowModel(
         Spy(),
         GaussianPath(CondOTSchedule()),
         Objective.from_name("cfm"),

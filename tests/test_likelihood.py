@@ -77,7 +77,7 @@ def test_likelihood_starts_where_the_sampler_starts(objective, margins):
     alpha_t = 0), starting from the moment-matched Gaussian of p_t0, which for Gaussian data *is* p_t0: its NLL is
     then the exact log-density of the data, at the end of its span (t = 1 for noise; the score model's span ends at
     0.98, where the data is scored as the ODE's state). N(0, I) at t0, today's main, is off by more than 0.1 nats."""
-    from flowdiff.module import FlowModule
+    from flowdiff.model import FlowModel
     from flowdiff.objectives import Objective
     from flowdiff.paths import CondOTSchedule, GaussianPath
     from test_samplers import GaussianOracle
@@ -85,7 +85,7 @@ def test_likelihood_starts_where_the_sampler_starts(objective, margins):
     schedule = CondOTSchedule()
     oracle = GaussianOracle(schedule, MU, STD)
     objective = Objective(objective, sample_margins=margins)
-    module = FlowModule(
+    module = FlowModel(
         _OracleNet(oracle, objective.prediction),
         GaussianPath(schedule),
         objective,
@@ -108,18 +108,16 @@ def test_likelihood_starts_where_the_sampler_starts(objective, margins):
 
 
 def test_the_prior_is_the_law_the_sampler_starts_from():
-    """What sampling draws at t0 > 0 (FlowModule._start_at of N(0, I)) has the mean and variance of the density the
+    """What sampling draws at t0 > 0 (FlowModel.start_at of N(0, I)) has the mean and variance of the density the
     likelihood starts from (start_log_prob): both come from GaussianPath.source_moments."""
-    from flowdiff.module import FlowModule
+    from flowdiff.model import FlowModel
     from flowdiff.objectives import Objective
     from flowdiff.paths import CosineSchedule, GaussianPath
 
     net = torch.nn.Linear(3, 3).double()
-    module = FlowModule(
-        net, GaussianPath(CosineSchedule()), Objective("noise"), (3,), data_moments=lambda: (MU, STD**2)
-    )
+    module = FlowModel(net, GaussianPath(CosineSchedule()), Objective("noise"), (3,), data_moments=lambda: (MU, STD**2))
     t0 = 0.3
-    x = module._start_at(torch.randn(400_000, 3, dtype=torch.float64), t0)
+    x = module.start_at(torch.randn(400_000, 3, dtype=torch.float64), t0)
     loc, scale = module.path.source_moments(t0, x, MU, STD**2)
     torch.testing.assert_close(x.mean(0), loc.squeeze(0), atol=0.01, rtol=0)
     torch.testing.assert_close(x.std(0), scale.squeeze(0), atol=0.01, rtol=0)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ALL_SCHEDULES
-from flowdiff.module import FlowModule
+from flowdiff.model import FlowModel
 from flowdiff.nets import MLP
 from flowdiff.objectives import OBJECTIVES, Objective
 from flowdiff.paths import GaussianPath
@@ -98,7 +98,7 @@ def test_every_sampler_stays_finite(nets, sampler, schedule, objective, dtype, s
     dtype = DTYPES[dtype]
     path = GaussianPath(ALL_SCHEDULES[schedule])
     kw = {"steps": steps} if sampler != "dopri5" else {"steps": steps, "rtol": 1e-3, "atol": 1e-3}
-    module = FlowModule(nets[dtype], path, Objective.from_name(objective), data_shape=(2,))
+    module = FlowModel(nets[dtype], path, Objective.from_name(objective), data_shape=(2,))
     module.sampler = build_sampler(sampler, path=path, **kw)
     x0 = _values(seed, scale, (16, 2), dtype)
     out = module.sample(16, x0=x0, generator=torch.Generator().manual_seed(seed))

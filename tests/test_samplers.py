@@ -273,7 +273,7 @@ def test_float32_sampling_lands_on_the_exact_answer(schedule_name, objective):
     Before the schedules were exact at their ends in float32, cosine's beta(1) = -4.4e-8 made t = 1 look safe and
     Heun/RK4 on objective=data landed at |x| ~ 300."""
     from conftest import ALL_SCHEDULES
-    from flowdiff.module import FlowModule
+    from flowdiff.model import FlowModel
 
     schedule = ALL_SCHEDULES[schedule_name]
     path = GaussianPath(schedule)
@@ -281,7 +281,7 @@ def test_float32_sampling_lands_on_the_exact_answer(schedule_name, objective):
     oracle = GaussianOracle(schedule, mu, s)
     obj = shipped_objective(objective)
     moments = (mu.float(), torch.full((2,), s**2))  # the data's mean and variance, for a start at t0 > 0
-    module = FlowModule(OracleNet(oracle, obj.prediction), path, obj, (2,), data_moments=lambda: moments)
+    module = FlowModel(OracleNet(oracle, obj.prediction), path, obj, (2,), data_moments=lambda: moments)
     eps = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for name, (base, settings) in FLOAT32_SAMPLERS.items():
         smp = build_sampler(base, path=path, **settings)

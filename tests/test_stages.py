@@ -7,7 +7,7 @@ from flowdiff.cli.build import build_datamodule, build_module, load_teacher
 from flowdiff.cli.sample import load_checkpoint
 from flowdiff.cli.train import train
 from flowdiff.errors import ConfigError
-from flowdiff.module import FlowModule
+from flowdiff.model import FlowModel
 from flowdiff.nets import MLP
 from flowdiff.objectives import Objective
 from flowdiff.paths import CondOTSchedule, CosineSchedule, GaussianPath
@@ -36,7 +36,7 @@ def teacher(tmp_path_factory):
 def _module(schedule, objective="cfm", dtype=torch.float32):
     torch.manual_seed(0)
     net = MLP(data_shape=[3], width=16, depth=2).to(dtype)
-    return ConsistencyModule(net, GaussianPath(schedule), Objective.from_name(objective), data_shape=(3,))
+    return ConsistencyModule(FlowModel(net, GaussianPath(schedule), Objective.from_name(objective), data_shape=(3,)))
 
 
 # ---------------------------------------------------------------- the consistency function
@@ -136,7 +136,7 @@ def test_consistency_sampler_with_the_exact_flow_map_is_exact_at_any_step_count(
 def test_one_step_samplers_report_nfe_one():
     torch.manual_seed(0)
     path = GaussianPath(CondOTSchedule())
-    module = FlowModule(MLP(data_shape=[2], width=16, depth=2), path, Objective.from_name("cfm"), data_shape=(2,))
+    module = FlowModel(MLP(data_shape=[2], width=16, depth=2), path, Objective.from_name("cfm"), data_shape=(2,))
     for name in ("euler", "consistency", "ddim"):
         sampler = build_sampler(name, path=path, steps=1)
         assert module.sample(50, sampler=sampler).nfe == 1, name

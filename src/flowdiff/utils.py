@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import Tensor
 
@@ -21,13 +19,6 @@ def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
 def full_time(value: float | Tensor, batch: int, like: Tensor) -> Tensor:
     """A ``(B,)`` tensor of one time value, on ``like``'s device and dtype."""
     return torch.full((batch,), float(value), device=like.device, dtype=like.dtype)
-
-
-def stream_seed(*keys: object) -> int:
-    """A 63-bit seed for the named stream ``keys`` (e.g. ``("images", seed, index)``): counter-based, so any member
-    of a stream can be drawn again without the ones before it, and distinct keys give unrelated seeds."""
-    digest = hashlib.blake2b("/".join(["flowdiff", *map(str, keys)]).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def rank_share(n: int, rank: int, world: int) -> slice:

@@ -31,7 +31,8 @@ from flowdiff.metrics.images import (
     reference,
 )
 from flowdiff.progress import Advance, progress
-from flowdiff.utils import rank_share, stream_seed
+from flowdiff.seeds import stream_seed
+from flowdiff.utils import rank_share
 
 
 def class_rows(num_classes: int, per_class: int) -> Tensor | None:

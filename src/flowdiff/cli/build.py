@@ -17,6 +17,7 @@ from flowdiff.couplings import Coupling, IndependentCoupling, MinibatchOTCouplin
 from flowdiff.data.pairs import PairsDataModule
 from flowdiff.errors import ConfigError, DataError, SettingError
 from flowdiff.guidance import ClassifierFreeGuidance
+from flowdiff.model import FlowModel
 from flowdiff.module import FlowModule
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianPath, NoisyInterpolantPath
@@ -366,21 +367,24 @@ def build_module(cfg: DictConfig, datamodule, teacher: Teacher | None = None) ->
         extra = {k: settings[k] for k in keys} | {"teacher": teacher.module if teacher is not None else None}
         extra["curriculum"] = consistency_curriculum(settings)
     try:
-        module = cls(
+        model = FlowModel(
             net=net,
             path=path,
             objective=objective,
             data_shape=datamodule.data_shape,
-            coupling=build_coupling(cfg),
             guidance=guidance,
             sampler=build_sampler_from(cfg.sampler, path),
-            optimizer=instantiate(cfg.optimizer),
-            scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
             source=source,
             compile=bool(cfg.get("compile", False)),
             channels_last=bool(cfg.get("channels_last", False)),
             autocast_dtype=torch.bfloat16 if str(cfg.trainer.get("precision", "")).startswith("bf16") else None,
             data_moments=datamodule.data_moments,
+        )
+        module = cls(
+            model,
+            coupling=build_coupling(cfg),
+            optimizer=instantiate(cfg.optimizer),
+            scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
             nan_policy=str(cfg.get("nan_policy", "stop")),
             **extra,
         )

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from flowdiff.data.toys import Toy, build_toy
-from flowdiff.utils import stream_seed
+from flowdiff.seeds import stream_seed
 
 
 def batch_seed(seed: int, rank: int, index: int) -> int:
