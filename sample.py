@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-import flowdiff.cli  # noqa: F401  (light: registers the job-folder resolver of conf/hydra)
+import flowdiff.configs  # noqa: F401  (light: the resolvers of the config files)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

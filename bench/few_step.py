@@ -26,11 +26,11 @@ TASKS = {"N->moons": "moons", "N->8gaussians": "8gaussians"}
 #: teacher's 100 steps)
 MODELS = {
     "teacher (1-rectified flow)": ("teacher", [], None, None),
-    "2-rectified flow": ("reflow", ["stage=reflow", "coupling.n_pairs=20000"], "teacher", 1.5),
-    "distilled, 1 step": ("distilled", ["stage=distill", "distill.steps=1", "distill.n_pairs=20000"], "teacher", 1.3),
+    "2-rectified flow": ("reflow", ["stage=reflow", "stage.n_pairs=20000"], "teacher", 1.5),
+    "distilled, 1 step": ("distilled", ["stage=distill", "stage.steps=1", "stage.n_pairs=20000"], "teacher", 1.3),
     "2-RF + distilled, 1 step": (
         "reflow_distill",
-        ["stage=distill", "distill.steps=1", "distill.n_pairs=20000"],
+        ["stage=distill", "stage.steps=1", "stage.n_pairs=20000"],
         "reflow",
         1.3,
     ),
@@ -58,7 +58,7 @@ def train(data: str, name: str, out: Path, steps: int, seed: int, models: dict =
 def figure(out: Path, results: dict, path: Path) -> None:
     """One-step samples of each model (and the teacher's 100 steps), a row per task."""
     sys.path.insert(0, str(ROOT / "src"))
-    from flowdiff.cli.sample import load_checkpoint
+    from flowdiff.build import load_checkpoint
     from flowdiff.plotting import plt
 
     panels = [("teacher (1-rectified flow)", 100), *[(name, 1) for name in MODELS]]

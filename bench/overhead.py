@@ -18,8 +18,7 @@ import lightning as L
 import torch
 from common import QUIET, compose, markdown_table, median_ms, save_json
 
-from flowdiff.cli.build import build_datamodule, build_module
-from flowdiff.cli.train import build_loggers
+from flowdiff.build import build_datamodule, build_loggers, build_model, build_run
 from flowdiff.couplings import MinibatchOTCoupling
 from flowdiff.nets import MLP
 
@@ -60,8 +59,7 @@ def lightning_steps_per_s(steps: int, skip: int, device: str, compile_: bool, tm
         tmp,
     )
     L.seed_everything(0, verbose=False)
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm)
+    module, dm = build_run(cfg)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     timer = StepTimer(skip, sync)
     from hydra.utils import instantiate
@@ -122,8 +120,7 @@ def main(argv=None):
     cfg = compose(
         ["data=moons", "sampler=euler", "sampler.steps=100", f"compile={str(args.compile).lower()}"], args.tmp
     )
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm).to(dev).eval()
+    module = build_model(cfg, build_datamodule(cfg)).to(dev).eval()
     n = args.n_sample
     x = torch.randn(n, 2, device=dev)
     t = torch.rand(n, device=dev)
@@ -138,7 +135,7 @@ def main(argv=None):
 
     # 3. CFG: one doubled forward against two forwards
     cfg_c = compose(["data=8gaussians", "guidance=cfg", f"compile={str(args.compile).lower()}"], args.tmp)
-    cmod = build_module(cfg_c, build_datamodule(cfg_c)).to(dev).eval()
+    cmod = build_model(cfg_c, build_datamodule(cfg_c)).to(dev).eval()
     y = torch.randint(0, 8, (n,), device=dev)
     null = torch.full_like(y, 8)
 

@@ -15,9 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import QUIET, RESULTS, compose, markdown_table, save_json  # noqa: E402
 
-from flowdiff.cli.build import build_sampler_from  # noqa: E402
-from flowdiff.cli.train import fit  # noqa: E402
+from flowdiff.build import build_sampler, conf_node  # noqa: E402
 from flowdiff.metrics import w2  # noqa: E402
+from flowdiff.runs import fit  # noqa: E402
 
 STEPS = {
     "euler": [2, 5, 10, 20, 50, 100],
@@ -52,12 +52,12 @@ def main(argv=None):
     rows, points = [], {}
     for name, steps_list in {**STEPS, "dopri5": TOLERANCES}.items():
         for s in steps_list:
-            conf = {"name": name, "rtol": s, "atol": s} if name == "dopri5" else {"name": name, "steps": s}
+            settings = {"rtol": s, "atol": s} if name == "dopri5" else {"steps": s}
             if name == "euler_maruyama":
-                conf.update(sigma=1.0, sigma_schedule="beta")
+                settings.update(sigma=1.0, sigma_schedule="beta")
             out = module.sample(
                 args.n_eval,
-                sampler=build_sampler_from(conf, module.path),
+                sampler=build_sampler(conf_node("sampler", name, **settings), module.path),
                 x0=x0,
                 generator=torch.Generator().manual_seed(0),
             )

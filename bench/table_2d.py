@@ -16,8 +16,8 @@ import time
 import torch
 from common import QUIET, compose, evaluate_velocity, markdown_table, mean_sd, save_json
 
-from flowdiff.cli.train import fit
 from flowdiff.data.datamodule import ToyDataModule
+from flowdiff.runs import fit
 
 TASKS = {  # name -> data config
     "N->moons": "moons",

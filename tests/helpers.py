@@ -11,6 +11,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import flowdiff.configs  # noqa: F401  (the ${default:} resolver of the config files)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -108,3 +110,29 @@ class _SlowToPickle:
         Path(self.marker).write_text("saving")
         time.sleep(self.seconds)
         return (str, ("slow",))
+
+
+OBJECTIVE_FILES = sorted(p.stem for p in (CONF / "objective").glob("*.yaml"))
+SAMPLER_FILES = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
+
+
+def objective_from_conf(name: str, **settings):
+    """``conf/objective/<name>.yaml`` built as ``objective=<name>`` would build it."""
+    from flowdiff.build import build, conf_node
+
+    return build(conf_node("objective", name, **settings), "objective")
+
+
+def sampler_from_conf(name: str, path=None, **settings):
+    """``conf/sampler/<name>.yaml`` built as ``sampler=<name>`` would build it (with ``path`` if it needs one)."""
+    from flowdiff.build import build_sampler, conf_node
+
+    return build_sampler(conf_node("sampler", name, **settings), path)
+
+
+def objective_of(name: str, **settings):
+    """An Objective predicting what ``conf/objective/<name>.yaml`` predicts, with the class's own defaults and
+    ``settings`` (not the file's margins: :func:`objective_from_conf` builds those)."""
+    from flowdiff.objectives import Objective
+
+    return Objective(objective_from_conf(name).prediction, **settings)

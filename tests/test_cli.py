@@ -26,7 +26,7 @@ def run(script, *args, cwd=ROOT, check=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short training run (with CFG, so sampling can be guided) shared by the sampling tests."""
-    from flowdiff.cli.train import train
+    from flowdiff.runs import train
 
     out = tmp_path_factory.mktemp("train")
     printed = io.StringIO()
@@ -47,7 +47,7 @@ def test_train_prints_where_things_are(trained):
 def test_sample_is_reproducible_and_sweepable(trained, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
     outs = []
-    from flowdiff.cli.sample import sample
+    from flowdiff.evaluation import sample
 
     for k, seed in enumerate([3, 3, 4]):
         d = tmp_path / f"s{k}"
@@ -61,7 +61,7 @@ def test_sample_is_reproducible_and_sweepable(trained, tmp_path):
         )  # of the model's ODE (test_straightness)
         assert (d / "samples.png").exists()
     # the reported W2 is that of the saved samples against the test set (recomputed here)
-    from flowdiff.cli.sample import load_checkpoint
+    from flowdiff.build import load_checkpoint
     from flowdiff.metrics import w2
 
     _, dm, _ = load_checkpoint(ckpt)
@@ -82,8 +82,8 @@ def test_sample_is_reproducible_and_sweepable(trained, tmp_path):
 def test_sample_keeps_the_trained_sampler_settings(tmp_path, capsys):
     """Naming the trained sampler changes only what the command sets, not its config file's defaults (issue 8.5).
     In-process: the command line's explicit keys reach sample() through Hydra's recorded overrides."""
-    from flowdiff.cli.sample import sample
-    from flowdiff.cli.train import train
+    from flowdiff.evaluation import sample
+    from flowdiff.runs import train
 
     out = tmp_path / "train"
     trained_with = ["objective=score", "sampler=euler_maruyama", "sampler.sigma=2.5", "sampler.sigma_schedule=constant"]
@@ -98,7 +98,7 @@ def test_sample_keeps_the_trained_sampler_settings(tmp_path, capsys):
 
 def test_wandb_offline_run_holds_the_plot(tmp_path):
     wandb = pytest.importorskip("wandb")
-    from flowdiff.cli.train import train
+    from flowdiff.runs import train
 
     try:  # in-process (6 s less than a second interpreter); the CLI's loggers are the same code
         train(compose_cfg(["logger=wandb", *FAST], tmp_path))
@@ -125,8 +125,8 @@ def test_invalid_combination_is_one_sentence(tmp_path, capsys):
 
 def test_unreadable_checkpoints_fail_in_one_sentence(trained, tmp_path, capsys):
     """A truncated file, a foreign file and one whose weights do not fit its config: one sentence each."""
-    from flowdiff.cli.build import ConfigError
-    from flowdiff.cli.sample import load_checkpoint
+    from flowdiff.build import load_checkpoint
+    from flowdiff.errors import ConfigError
 
     good = trained / "checkpoints" / "last.ckpt"
     truncated = tmp_path / "truncated.ckpt"
@@ -155,8 +155,8 @@ def test_unreadable_checkpoints_fail_in_one_sentence(trained, tmp_path, capsys):
 
 def test_sample_refuses_a_solver_setting_out_of_range(trained, tmp_path):
     """sample.py ckpt=... sampler=dopri5 sampler.rtol=-1 was accepted and sampled with: one sentence now."""
-    from flowdiff.cli.sample import sample
     from flowdiff.errors import ConfigError
+    from flowdiff.evaluation import sample
 
     args = [f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", "sampler=dopri5", "sampler.rtol=-1"]
     with pytest.raises(ConfigError, match=r"^sampler.rtol=-1 is out of range: set it to a positive relative tolerance"):

@@ -15,7 +15,7 @@ REFERENCE = torch.load(DATA / "reference_samples.pt", weights_only=False)
 
 @pytest.mark.parametrize("name", ["flow", "consistency", "score_ot", "distill"])
 def test_old_checkpoints_sample_as_they_did(name):
-    from flowdiff.cli.sample import load_checkpoint
+    from flowdiff.build import load_checkpoint
 
     module, _, _ = load_checkpoint(DATA / f"{name}.ckpt")
     ref = REFERENCE[name]
@@ -25,8 +25,8 @@ def test_old_checkpoints_sample_as_they_did(name):
 
 
 def test_old_checkpoints_resume_and_sample_py_reads_them(tmp_path):
-    from flowdiff.cli.sample import sample
-    from flowdiff.cli.train import train
+    from flowdiff.evaluation import sample
+    from flowdiff.runs import train
 
     ckpt = tmp_path / "flow.ckpt"
     shutil.copy(DATA / "flow.ckpt", ckpt)

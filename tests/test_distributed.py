@@ -166,7 +166,7 @@ def test_image_metrics_of_a_two_process_run_are_one_process_values(tmp_path):
 
     from hydra.utils import instantiate
 
-    from flowdiff.cli.sample import load_checkpoint
+    from flowdiff.build import load_checkpoint
     from helpers import ROOT, TINY_IMAGES, TINY_UNET, tiny_classifier, tiny_mnist
     from test_cli import run
 

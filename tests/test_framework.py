@@ -8,9 +8,10 @@ import torch
 from allpairspy import AllPairs
 from hydra.utils import instantiate
 
-from flowdiff.cli.build import ConfigError, build_datamodule, build_module, build_sampler_from
-from flowdiff.cli.train import train
-from helpers import CONF, FAST, compose_cfg
+from flowdiff.build import build_run
+from flowdiff.errors import ConfigError
+from flowdiff.runs import train
+from helpers import CONF, FAST, compose_cfg, sampler_from_conf
 
 PATHS = sorted(p.stem for p in (CONF / "path").glob("*.yaml"))
 OBJECTIVES = sorted(p.stem for p in (CONF / "objective").glob("*.yaml"))
@@ -26,7 +27,7 @@ def test_config_groups_are_complete():
 
 
 #: reflow needs a trained teacher and refuses score objectives and SDEs: test_reflow.py covers it
-COUPLINGS = sorted(p.stem for p in (CONF / "coupling").glob("*.yaml") if p.stem != "reflow")
+COUPLINGS = sorted(p.stem for p in (CONF / "coupling").glob("*.yaml"))
 #: a covering set in which every pair of choices of any two groups occurs (allpairspy): a few dozen runs
 #: instead of the full product, which `make test-all` still runs
 GROUPS = [PATHS, OBJECTIVES, SAMPLERS, GUIDANCE, COUPLINGS]
@@ -54,8 +55,7 @@ def _train_and_sample(path, objective, sampler, guidance, coupling, tmp_path, dm
         ],
         tmp_path,
     )
-    dm = dm or build_datamodule(cfg)
-    module = build_module(cfg, dm)
+    module, dm = build_run(cfg)
     opt = module.configure_optimizers()
     before = [p.detach().clone() for p in module.parameters()]
     choice = (path, objective, sampler, guidance, coupling)
@@ -98,14 +98,13 @@ def test_every_combination_composes_trains_and_samples(path, objective, tmp_path
 
 def test_cfg_makes_one_forward_per_evaluation(tmp_path):
     cfg = compose_cfg(["guidance=cfg", "data=8gaussians", "sampler=heun", "sampler.steps=5"], tmp_path)
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm)
+    module, dm = build_run(cfg)
     calls = []
     module.net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     out = module.sample(16, y=torch.zeros(16, dtype=torch.long), guidance_scale=3.0)
     assert out.nfe == 10 and len(calls) == 10 and set(calls) == {32}  # doubled batch, one forward each
     calls.clear()
-    em = build_sampler_from({"name": "euler_maruyama", "steps": 7}, module.path)
+    em = sampler_from_conf("euler_maruyama", module.path, steps=7)
     # 7 steps to t = 0.999 (the score is infinite at 1) and the last step to the data prediction: 8 forwards
     assert module.sample(16, sampler=em, y=torch.zeros(16, dtype=torch.long)).nfe == 8 and len(calls) == 8
 
@@ -125,7 +124,7 @@ def test_cfg_makes_one_forward_per_evaluation(tmp_path):
 def test_invalid_combinations_fail_at_start_up(overrides, message, tmp_path):
     cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError, match=message) as err:
-        build_module(cfg, build_datamodule(cfg))
+        build_run(cfg)
     assert str(err.value).count(". ") == 0  # one sentence
 
 
@@ -178,12 +177,12 @@ def test_checkpoint_carries_config_and_ema_weights(tmp_path):
     )
     train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["flowdiff_config"]["objective"]["name"] == "cfm"
+    assert ckpt["flowdiff_config"]["objective"]["prediction"] == "velocity"
     # Lightning's EMA stores the average as the state_dict and the live weights apart
     assert any(not torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in ckpt["state_dict"])
     assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 30
     # sample.py's loader samples from the average, not the live weights
-    from flowdiff.cli.sample import load_checkpoint
+    from flowdiff.build import load_checkpoint
 
     module, _, _ = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     for name, value in module.state_dict().items():
@@ -253,7 +252,7 @@ def test_optimizer_and_scheduler_are_partials(tmp_path):
         ["+scheduler._target_=torch.optim.lr_scheduler.StepLR", "+scheduler._partial_=true", "+scheduler.step_size=2"],
         tmp_path,
     )
-    module = build_module(cfg, build_datamodule(cfg))
+    module = build_run(cfg)[0]
     conf = module.configure_optimizers()
     assert isinstance(conf["optimizer"], torch.optim.AdamW)
     assert conf["lr_scheduler"]["interval"] == "step"
@@ -280,7 +279,7 @@ def test_a_deferred_check_names_the_first_bad_step(tmp_path):
     from flowdiff.errors import NonFiniteLoss
 
     cfg = compose_cfg(FAST, tmp_path)
-    guard = build_module(cfg, build_datamodule(cfg)).nan
+    guard = build_run(cfg)[0].nan
     guard.every_step = False
     trainer = SimpleNamespace(global_step=0, log_every_n_steps=5, checkpoint_callback=None)
     losses = [1.0, 0.5, 0.4, float("nan"), 0.3]
@@ -295,23 +294,21 @@ def test_a_deferred_check_names_the_first_bad_step(tmp_path):
 
 def test_nan_policy_skip_counts_the_skipped_batches_and_leaves_the_weights_finite(tmp_path):
     cfg = compose_cfg(["nan_policy=skip", *FAST], tmp_path)
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm)
+    module, dm = build_run(cfg)
     batch = dm.draw(16)
     batch["x1"][0, 0] = float("nan")  # one poisoned data point
     assert module.training_step(batch, 0) is None and module.nan.skipped == 1
     assert torch.isfinite(module.training_step(dm.draw(16), 1))
     assert all(torch.isfinite(p).all() for p in module.parameters())
     with pytest.raises(ConfigError, match="nan_policy=often is unknown"):
-        build_module(compose_cfg(["nan_policy=often", *FAST], tmp_path), dm)
+        build_run(compose_cfg(["nan_policy=often", *FAST], tmp_path))
 
 
 def test_validation_loss_is_fixed_with_a_noisy_path_and_sinkhorn_pairs_and_leaves_training_randomness_alone(tmp_path):
     """The validation loss draws noise, times, pairs and the interpolant's own noise from its generator only: the
     same value every time, and the global RNG (training's stream) does not move."""
     cfg = compose_cfg(["coupling=sinkhorn", "path.sigma=0.1", *FAST], tmp_path)
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm)
+    module, dm = build_run(cfg)
     batch = dm.draw(64)
     state = torch.get_rng_state()
     first = module.loss(batch, generator=torch.Generator().manual_seed(0))
@@ -320,30 +317,28 @@ def test_validation_loss_is_fixed_with_a_noisy_path_and_sinkhorn_pairs_and_leave
     assert not torch.equal(first, module.loss(batch, generator=torch.Generator().manual_seed(1)))
 
 
-def test_samplers_defaults_are_their_config_files():
-    """A sampler built in Python behaves as the same sampler chosen on the command line (EM's default sigma_t was
-    constant in the class but beta in the config)."""
+def test_every_default_in_the_config_files_is_a_setting_of_its_class():
+    """``key: ${default:}`` stands for the default in the signature of the node's _target_ (defaults live there
+    only): every one in conf/ resolves, so none names a setting its class does not have (or has without default)."""
     from omegaconf import OmegaConf
 
     from flowdiff.paths import CondOTSchedule, GaussianPath
-    from flowdiff.samplers import build_sampler
+    from flowdiff.samplers import EulerMaruyamaSampler
 
-    path = GaussianPath(CondOTSchedule())
-    for file in (CONF / "sampler").glob("*.yaml"):
-        spec = OmegaConf.to_container(OmegaConf.load(file))
-        name = spec.pop("name")
-        default = build_sampler(name, path=path)
-        for key, value in spec.items():
-            assert getattr(default, key) == value, (name, key)
+    def defaults(node: dict, where: str = ""):
+        for key, value in node.items():
+            here = f"{where}.{key}" if where else str(key)
+            if isinstance(value, dict):
+                yield from defaults(value, here)
+            elif value == "${default:}":
+                yield here
 
-
-def test_curricula_defaults_are_their_config_files():
-    """curriculum=ict and curriculum=song build the classes' defaults (the files list them so that they can be set
-    without a +)."""
-    from hydra.utils import get_class, instantiate
-    from omegaconf import OmegaConf
-
-    for file in (CONF / "curriculum").glob("*.yaml"):
-        spec = OmegaConf.load(file)
-        built, default = instantiate(spec), get_class(spec._target_)()
-        assert vars(built) == vars(default) and set(spec) - {"_target_"} <= set(vars(default)), file.name
+    seen = 0
+    for file in sorted(CONF.rglob("*.yaml")):
+        cfg = OmegaConf.load(file)
+        for key in defaults(OmegaConf.to_container(cfg, resolve=False)):
+            OmegaConf.select(cfg, key, throw_on_resolution_failure=True)  # raises for a key its class lacks
+            seen += 1
+    assert seen > 40
+    em = OmegaConf.load(CONF / "sampler" / "euler_maruyama.yaml")  # EM's default sigma_t was once the file's only
+    assert em.sigma_schedule == EulerMaruyamaSampler(GaussianPath(CondOTSchedule())).sigma_schedule == "beta"

@@ -3,20 +3,18 @@
 import pytest
 import torch
 
-from flowdiff.cli.build import build_datamodule, build_module
-from flowdiff.cli.train import train
-from flowdiff.objectives import OBJECTIVES, Objective
+from flowdiff.build import build_run
 from flowdiff.paths import CosineSchedule, GaussianPath
-from flowdiff.samplers import SAMPLERS, build_sampler
-from helpers import FAST, compose_cfg
+from flowdiff.runs import train
+from helpers import FAST, OBJECTIVE_FILES, SAMPLER_FILES, compose_cfg, objective_of, sampler_from_conf
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("sampler", list(SAMPLER_FILES))
+@pytest.mark.parametrize("objective", list(OBJECTIVE_FILES))
 def test_samplers_on_cuda_match_cpu(sampler, objective):
-    path, obj = GaussianPath(CosineSchedule()), Objective.from_name(objective)
+    path, obj = GaussianPath(CosineSchedule()), objective_of(objective)
     mu = torch.tensor([1.0, -2.0], dtype=torch.float64)
 
     def velocity(x, t):  # a smooth analytic prediction, converted through the path
@@ -27,9 +25,9 @@ def test_samplers_on_cuda_match_cpu(sampler, objective):
         return obj.to_score(path, torch.tanh(x - mu.to(x.device)) * t[:, None], x, t)
 
     x0 = torch.randn(256, 2, dtype=torch.float64)
-    smp = build_sampler(sampler, path=path, steps=20)
+    smp = sampler_from_conf(sampler, path=path, steps=20)
     span = obj.sample_time_range(path, stochastic=smp.stochastic)
-    if smp.stochastic or (sampler == "ddim" and getattr(smp, "eta", 0) > 0):
+    if smp.stochastic:
         pytest.skip("noise streams differ between devices")
     cpu = smp.sample(velocity, x0, score_fn=score, t_span=span)
     gpu = smp.sample(velocity, x0.cuda(), score_fn=score, t_span=span)
@@ -41,13 +39,12 @@ def test_module_trains_and_samples_on_cuda(tmp_path):
     cfg = compose_cfg(["trainer=gpu", "guidance=cfg", "coupling=ot", *FAST], tmp_path)
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["val/w2"]))
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm).cuda()
+    module = build_run(cfg)[0].cuda()
     y = torch.zeros(64, dtype=torch.long)
     a = module.sample(64, y=y, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     b = module.sample(64, y=y, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert a.x.is_cuda and torch.equal(a.x, b.x)
-    em = build_sampler("euler_maruyama", path=module.path, steps=10)
+    em = sampler_from_conf("euler_maruyama", path=module.path, steps=10)
     c = module.sample(64, sampler=em, generator=torch.Generator().manual_seed(1))
     d = module.sample(64, sampler=em, generator=torch.Generator().manual_seed(1))
     assert torch.equal(c.x, d.x) and torch.isfinite(c.x).all()
@@ -75,8 +72,7 @@ def test_image_run_in_bf16_channels_last_on_cuda(tmp_path):
     )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["val/loss"])) and metrics["val/fid"] > 0
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm).cuda().eval()
+    module = build_run(cfg)[0].cuda().eval()
     assert module.autocast_dtype == torch.bfloat16 and module.channels_last
     out = module.sample(8, y=torch.arange(8), guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert out.x.dtype == torch.float32 and out.x.is_contiguous(memory_format=torch.channels_last)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from flowdiff.guidance import ClassifierFreeGuidance
-from flowdiff.objectives import OBJECTIVES, Objective
 from flowdiff.paths import CosineSchedule, GaussianPath
+from helpers import OBJECTIVE_FILES, objective_of
 
 
 class CountingNet:
@@ -29,9 +29,9 @@ def test_cfg_scales_and_forward_count():
     assert net.forwards == 3  # one (doubled-batch) forward per evaluation
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("objective", list(OBJECTIVE_FILES))
 def test_guiding_predictions_equals_guiding_velocities(objective):
-    path, obj = GaussianPath(CosineSchedule()), Objective.from_name(objective)
+    path, obj = GaussianPath(CosineSchedule()), objective_of(objective)
     x, t = torch.randn(5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64) * 0.8 + 0.1
     p_null, p_cond, w = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), 4.0
     mixed = obj.to_velocity(path, (1 - w) * p_null + w * p_cond, x, t)

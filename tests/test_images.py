@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from flowdiff.cli.build import ConfigError, build_datamodule, build_module
-from flowdiff.cli.train import train
+from flowdiff.build import build_datamodule, build_run
 from flowdiff.data.formats import write_cifar10, write_image_folder
 from flowdiff.data.images import DataError, ImageDataModule, to_model, to_uint8, to_unit
+from flowdiff.errors import ConfigError
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.model import FlowModel
 from flowdiff.nets import ADMUNet, CourseUNet
-from flowdiff.objectives import Objective
 from flowdiff.paths import CondOTSchedule, GaussianPath
-from helpers import TINY_IMAGES, TINY_UNET, compose_cfg, tiny_classifier, tiny_mnist
+from flowdiff.runs import train
+from helpers import TINY_IMAGES, TINY_UNET, compose_cfg, objective_of, tiny_classifier, tiny_mnist
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +138,10 @@ def test_adm_unet_is_torchcfms_cifar_configuration():
 def test_nets_refuse_the_wrong_data(tmp_path, files):
     cfg = compose_cfg(["data=mnist", f"data.root={files / 'mnist'}", "net=mlp"], tmp_path)
     with pytest.raises(ConfigError, match="net=mlp is for vectors"):
-        build_module(cfg, build_datamodule(cfg))
+        build_run(cfg)
     cfg = compose_cfg(["data=moons", "net=unet"], tmp_path)
     with pytest.raises(ConfigError, match="net=unet is for images"):
-        build_module(cfg, build_datamodule(cfg))
+        build_run(cfg)
 
 
 def test_guidance_on_a_unet_at_w1_and_w0():
@@ -152,7 +152,7 @@ def test_guidance_on_a_unet_at_w1_and_w0():
     module = FlowModel(
         net,
         GaussianPath(CondOTSchedule()),
-        Objective.from_name("cfm"),
+        objective_of("cfm"),
         (1, 16, 16),
         guidance=ClassifierFreeGuidance(null_label=10),
     ).eval()
@@ -182,7 +182,7 @@ def test_label_dropout_happens_in_training():
     module = FlowModel(
         Spy(),
         GaussianPath(CondOTSchedule()),
-        Objective.from_name("cfm"),
+        objective_of("cfm"),
         (1, 4, 4),
         guidance=ClassifierFreeGuidance(null_label=10, p_uncond=0.5),
     )
@@ -239,7 +239,7 @@ def test_train_a_few_steps_on_each_format(data, files, tmp_path):
 def test_stages_on_images_distill_and_consistency_from_a_cfg_teacher(files, tmp_path):
     """A class-conditional image teacher, its 2-step distilled student and its consistency model: each trains, is
     scored by the classifier (FID, class accuracy) with the student's own sampler at w = 1, and samples alone."""
-    from flowdiff.cli.sample import load_checkpoint
+    from flowdiff.build import load_checkpoint
 
     tiny = [o for o in TINY_IMAGES if not o.startswith("sampler.steps")]  # a stage sets its sampler's steps
     base = ["data=mnist", f"data.root={files / 'mnist'}", *TINY_UNET, *tiny, "guidance=cfg", "callbacks.grid=null"]
@@ -247,10 +247,10 @@ def test_stages_on_images_distill_and_consistency_from_a_cfg_teacher(files, tmp_
     train(compose_cfg([*base, "sampler.steps=2", "callbacks.image_metrics=null"], tmp_path / "teacher"))
     teacher = f"teacher={tmp_path / 'teacher' / 'checkpoints' / 'last.ckpt'}"
     stages = {
-        "distill": ["stage=distill", "distill.steps=2", "distill.n_pairs=24", "distill.batch_size=8"],
+        "distill": ["stage=distill", "stage.steps=2", "stage.n_pairs=24", "stage.batch_size=8"],
         "consistency": ["stage=consistency"],
     }
-    stages["distill"] += ["distill.sampler.name=euler", "+distill.sampler.steps=4"]
+    stages["distill"] += ["sampler@stage.sampler=euler", "stage.sampler.steps=4"]
     for name, extra in stages.items():
         metrics = train(compose_cfg([*base, *extra, teacher], tmp_path / name))
         assert metrics["nfe"] == (2 if name == "distill" else 1)

@@ -41,7 +41,7 @@ def test_train_reports_fid_with_floor_and_extractor_and_grids(image_run):
 
 
 def test_sample_images_fid_sweep_table_and_bits_per_dim(image_run, tmp_path, capsys):
-    from flowdiff.cli.sample import sample
+    from flowdiff.evaluation import sample
 
     root, out, clf, _ = image_run
     ckpt = out / "checkpoints" / "last.ckpt"
@@ -82,7 +82,7 @@ def test_sample_fid_and_its_floor_share_one_n(image_run, tmp_path, capsys):
     n that one; an n above the 40 held-out images is refused in one sentence before sampling. Long steps show
     progress (here, in a log: a line when each starts and ends) and say what they evaluate. Today's main compared
     50 samples with 50 training images but its floor with 40 held-out ones."""
-    from flowdiff.cli.sample import sample
+    from flowdiff.evaluation import sample
 
     _, out, clf, _ = image_run
     args = [f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "sampler.steps=1", f"metrics.classifier_path={clf}"]

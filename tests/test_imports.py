@@ -1,4 +1,4 @@
-"""The math modules import neither Lightning nor Hydra."""
+"""The math modules and the Lightning-free model import neither Lightning nor Hydra."""
 
 import subprocess
 import sys
@@ -8,7 +8,8 @@ def test_math_modules_are_plain_pytorch():
     code = (
         "import sys\n"
         "import flowdiff.paths, flowdiff.objectives, flowdiff.couplings, flowdiff.samplers, flowdiff.guidance\n"
-        "import flowdiff.dynamics, flowdiff.densities, flowdiff.metrics\n"
+        "import flowdiff.dynamics, flowdiff.densities, flowdiff.metrics, flowdiff.model\n"
+        "import flowdiff.likelihood, flowdiff.straightness, flowdiff.nets\n"
         "banned = ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf')\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in banned]\n"
         "assert not bad, bad\n"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import ALL_SCHEDULES
-from flowdiff.objectives import Objective
 from flowdiff.paths import PARAMETERISATIONS, CondOTSchedule, GaussianPath, NoisyInterpolantPath
+from helpers import objective_of
 
 
 def _batch(n=64, d=3):
@@ -96,30 +96,30 @@ def test_each_conversion_matches_its_formula_written_out(name, src, dst):
 def test_time_ranges_follow_the_divisions():
     condot = GaussianPath(ALL_SCHEDULES["condot"])
     m = 1e-3
-    assert Objective.from_name("cfm").sample_time_range(condot) == (0.0, 1.0)
-    assert Objective.from_name("cfm").sample_time_range(condot, stochastic=True) == (0.0, 1 - m)
-    assert Objective.from_name("noise").sample_time_range(condot) == (m, 1.0)
-    assert Objective.from_name("data").sample_time_range(condot) == (0.0, 1 - m)
-    assert Objective.from_name("score").sample_time_range(condot) == (m, 1 - m)
-    assert Objective.from_name("score").train_time_range(condot) == (0.0, 1 - m)
-    assert Objective.from_name("noise").train_time_range(condot) == (0.0, 1.0)
+    assert objective_of("cfm").sample_time_range(condot) == (0.0, 1.0)
+    assert objective_of("cfm").sample_time_range(condot, stochastic=True) == (0.0, 1 - m)
+    assert objective_of("noise").sample_time_range(condot) == (m, 1.0)
+    assert objective_of("data").sample_time_range(condot) == (0.0, 1 - m)
+    assert objective_of("score").sample_time_range(condot) == (m, 1 - m)
+    assert objective_of("score").train_time_range(condot) == (0.0, 1 - m)
+    assert objective_of("noise").train_time_range(condot) == (0.0, 1.0)
     # VP has alpha_0 > 0, so noise prediction may start at 0; its d_beta diverges at 1
     vp = GaussianPath(ALL_SCHEDULES["linear_vp"])
-    assert Objective.from_name("noise").sample_time_range(vp) == (0.0, 1 - m)
-    assert Objective.from_name("cfm").train_time_range(GaussianPath(ALL_SCHEDULES["sqrt"])) == (0.0, 1 - m)
+    assert objective_of("noise").sample_time_range(vp) == (0.0, 1 - m)
+    assert objective_of("cfm").train_time_range(GaussianPath(ALL_SCHEDULES["sqrt"])) == (0.0, 1 - m)
 
 
 def test_training_start_and_end_of_sampling_have_their_own_margins():
     """One margin used to set the training range, the sampling start and the sampling end at once."""
     condot = GaussianPath(ALL_SCHEDULES["condot"])
-    score = Objective.from_name("score", train_margin=1e-3, sample_margins=(0.05, 0.02))
+    score = objective_of("score", train_margin=1e-3, sample_margins=(0.05, 0.02))
     assert score.train_time_range(condot) == (0.0, 1 - 1e-3)
     assert score.sample_time_range(condot) == (0.05, 1 - 0.02)
     # a checkpoint from before the split (objective.margin) keeps its meaning
-    legacy = Objective.from_name("score", margin=0.05)
+    legacy = objective_of("score", margin=0.05)
     assert legacy.train_time_range(condot) == (0.0, 0.95) and legacy.sample_time_range(condot) == (0.05, 0.95)
     with pytest.raises(ValueError, match="margins"):
-        Objective.from_name("cfm", sample_margins=(0.0, 0.6))
+        objective_of("cfm", sample_margins=(0.0, 0.6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -138,7 +138,7 @@ def test_schedules_are_exact_at_their_ends_in_every_dtype(name, dtype):
 @pytest.mark.parametrize("name", ALL_SCHEDULES)
 def test_time_range_is_decided_in_the_dtype_in_use(name, dtype):
     """Score -> velocity divides by beta, which vanishes at t = 1 on every schedule: no dtype may call t = 1 safe."""
-    obj = Objective.from_name("score", sample_margins=(0.05, 0.02))
+    obj = objective_of("score", sample_margins=(0.05, 0.02))
     assert obj.sample_time_range(GaussianPath(ALL_SCHEDULES[name]), dtype=dtype)[1] == 1 - 0.02
 
 
@@ -146,7 +146,7 @@ def test_time_range_is_decided_in_the_dtype_in_use(name, dtype):
 @pytest.mark.parametrize("name", ALL_SCHEDULES)
 def test_conversions_finite_on_documented_range(objective, name):
     path = GaussianPath(ALL_SCHEDULES[name])
-    obj = Objective.from_name(objective)
+    obj = objective_of(objective)
     lo, hi = obj.sample_time_range(path, stochastic=True)
     x, pred = _batch(2)
     for t0 in (lo, hi):
@@ -170,6 +170,6 @@ def test_interpolant_path():
     resid = noisy.x_t - ps.x_t
     assert 0.08 < resid.std().item() < 0.12
     with pytest.raises(ValueError, match="Gaussian source"):
-        Objective.from_name("score").check_path(path)
+        objective_of("score").check_path(path)
     with pytest.raises(ValueError, match="cfm"):
         ps.target("score")

@@ -16,15 +16,14 @@ from hypothesis import strategies as st
 from conftest import ALL_SCHEDULES
 from flowdiff.model import FlowModel
 from flowdiff.nets import MLP
-from flowdiff.objectives import OBJECTIVES, Objective
 from flowdiff.paths import GaussianPath
-from flowdiff.samplers import SAMPLERS, build_sampler
+from helpers import OBJECTIVE_FILES, SAMPLER_FILES, objective_of, sampler_from_conf
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 schedules = st.sampled_from(sorted(ALL_SCHEDULES))
-objectives = st.sampled_from(sorted(OBJECTIVES))
+objectives = st.sampled_from(sorted(OBJECTIVE_FILES))
 dtypes = st.sampled_from(sorted(DTYPES))
 fractions = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))  # the ends, where things go wrong, often
 magnitudes = st.one_of(st.just(0.0), st.floats(1e-6, 1e4))
@@ -50,7 +49,7 @@ def test_conversions_are_finite_on_the_sampling_range(schedule, objective, dtype
     """to_velocity (ODEs) and to_score (SDEs) on ``sample_time_range``; to_data where it is used, at the range's end
     (the last denoising step; at t = 0 it is singular for the polynomial schedule, whose d_alpha vanishes there)."""
     dtype = DTYPES[dtype]
-    path, obj = GaussianPath(ALL_SCHEDULES[schedule]), Objective.from_name(objective)
+    path, obj = GaussianPath(ALL_SCHEDULES[schedule]), objective_of(objective)
     lo, hi = obj.sample_time_range(path, stochastic=sde, dtype=dtype)
     t = _at(lo, hi, frac, 8, dtype)
     x, pred = _values(seed, x_scale, (8, 2), dtype), _values(seed + 1, p_scale, (8, 2), dtype)
@@ -64,8 +63,8 @@ def test_conversions_are_finite_on_the_sampling_range(schedule, objective, dtype
 @given(schedules, objectives, dtypes, fractions, magnitudes, magnitudes, st.integers(0, 2**31))
 def test_targets_and_losses_are_finite_on_the_training_range(schedule, objective, dtype, frac, z_scale, p_scale, seed):
     dtype = DTYPES[dtype]
-    path, obj = GaussianPath(ALL_SCHEDULES[schedule]), Objective.from_name(objective)
-    obj_weighted = Objective.from_name(objective, weighting="beta_sq")
+    path, obj = GaussianPath(ALL_SCHEDULES[schedule]), objective_of(objective)
+    obj_weighted = objective_of(objective, weighting="beta_sq")
     lo, hi = obj.train_time_range(path, dtype=dtype)
     t = _at(lo, hi, frac, 8, dtype)
     z, eps = _values(seed, z_scale, (8, 2), dtype), _values(seed + 1, 1.0, (8, 2), dtype)
@@ -85,7 +84,7 @@ def nets():
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    st.sampled_from(sorted(SAMPLERS)),
+    st.sampled_from(sorted(SAMPLER_FILES)),
     schedules,
     objectives,
     dtypes,
@@ -98,8 +97,8 @@ def test_every_sampler_stays_finite(nets, sampler, schedule, objective, dtype, s
     dtype = DTYPES[dtype]
     path = GaussianPath(ALL_SCHEDULES[schedule])
     kw = {"steps": steps} if sampler != "dopri5" else {"steps": steps, "rtol": 1e-3, "atol": 1e-3}
-    module = FlowModel(nets[dtype], path, Objective.from_name(objective), data_shape=(2,))
-    module.sampler = build_sampler(sampler, path=path, **kw)
+    module = FlowModel(nets[dtype], path, objective_of(objective), data_shape=(2,))
+    module.sampler = sampler_from_conf(sampler, path=path, **kw)
     x0 = _values(seed, scale, (16, 2), dtype)
     out = module.sample(16, x0=x0, generator=torch.Generator().manual_seed(seed))
     assert out.x.dtype == dtype and _finite(out.x), (sampler, schedule, objective)

@@ -5,11 +5,10 @@ import os
 import pytest
 import torch
 
-from flowdiff.cli.build import build_datamodule, build_module, load_teacher
-from flowdiff.cli.sample import load_checkpoint
-from flowdiff.cli.train import train
+from flowdiff.build import build_run, load_checkpoint
 from flowdiff.errors import ConfigError
-from helpers import FAST, compose_cfg
+from flowdiff.runs import train
+from helpers import FAST, compose_cfg, sampler_from_conf
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +25,10 @@ def _reflow(teacher, tmp_path, *extra):
         "callbacks.plot=null",
         "stage=reflow",
         f"teacher={teacher}",
-        "coupling.n_pairs=300",
-        "coupling.sampler.name=heun",
-        "+coupling.sampler.steps=20",
-        f"coupling.cache_dir={tmp_path / 'pairs'}",
+        "stage.n_pairs=300",
+        "sampler@stage.sampler=heun",
+        "stage.sampler.steps=20",
+        f"stage.cache_dir={tmp_path / 'pairs'}",
         *extra,
     ]
 
@@ -39,25 +38,23 @@ def test_reflow_pairs_are_the_teachers_samples_made_once(teacher, tmp_path):
     run reuses the file; training batches are rows of the pairs; the student starts from the teacher's weights and
     samples without it."""
     cfg = compose_cfg(_reflow(teacher, tmp_path), tmp_path / "a")
-    dm = build_datamodule(cfg, load_teacher(cfg))
+    dm = build_run(cfg)[1]
     dm.setup("fit")
     stored = list((tmp_path / "pairs").glob("trajectories-*.pt"))
     x0, x1 = dm.pairs["xs"][:, 0], dm.pairs["xs"][:, -1]
     assert len(stored) == 1 and len(x0) == 300
     module, _, _ = load_checkpoint(teacher)
-    from flowdiff.samplers import build_sampler
-
-    again = module.sample(300, sampler=build_sampler("heun", steps=20), x0=x0).x
+    again = module.sample(300, sampler=sampler_from_conf("heun", steps=20), x0=x0).x
     assert torch.equal(again, x1)
     made = stored[0].stat().st_mtime_ns
     cfg2 = compose_cfg(_reflow(teacher, tmp_path), tmp_path / "b")
-    dm2 = build_datamodule(cfg2, load_teacher(cfg2))
+    dm2 = build_run(cfg2)[1]
     dm2.setup("fit")
     assert stored[0].stat().st_mtime_ns == made and torch.equal(dm2.pairs["xs"], dm.pairs["xs"])
     batch = next(iter(dm.train_dataloader()))
     rows = {tuple(r) for r in torch.cat([x0, x1], 1).tolist()}
     assert all(tuple(r) in rows for r in torch.cat([batch["x0"], batch["x1"]], 1).tolist())
-    student = build_module(cfg, dm, load_teacher(cfg))
+    student = build_run(cfg)[0]
     assert repr(student.coupling) == "ReflowCoupling()"
     assert torch.equal(student.state_dict()["net.body.0.weight"], module.state_dict()["net.body.0.weight"])
     # trained, the student needs no teacher to sample
@@ -69,10 +66,11 @@ def test_reflow_pairs_are_the_teachers_samples_made_once(teacher, tmp_path):
         assert torch.isfinite(alone.sample(10).x).all()
         # ... and is the teacher of the next reflow: a 3-rectified flow on pairs of its own samples
         cfg3 = compose_cfg(_reflow(student_ckpt, tmp_path), tmp_path / "c")
-        dm3 = build_datamodule(cfg3, load_teacher(cfg3))
+        dm3 = build_run(cfg3)[1]
         dm3.setup("fit")
         x0 = dm3.pairs["xs"][:, 0]
-        assert torch.equal(alone.sample(300, sampler=build_sampler("heun", steps=20), x0=x0).x, dm3.pairs["xs"][:, -1])
+        heun = sampler_from_conf("heun", steps=20)
+        assert torch.equal(alone.sample(300, sampler=heun, x0=x0).x, dm3.pairs["xs"][:, -1])
         assert train(cfg3)["global_step"] == 6
     finally:
         os.rename(teacher.with_suffix(".away"), teacher)
@@ -81,8 +79,8 @@ def test_reflow_pairs_are_the_teachers_samples_made_once(teacher, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["objective=score"], r"coupling=reflow pairs each noise with the teacher's sample .* use objective=cfm"),
-        (["sampler=euler_maruyama"], r"sampler=euler_maruyama needs the score, which coupling=reflow does not define"),
+        (["objective=score"], r"stage=reflow pairs each noise with the teacher's sample .* use objective=cfm"),
+        (["sampler=euler_maruyama"], r"euler_maruyama draws fresh noise .* ReflowCoupling\(\) pairs them: use an ODE"),
         (["data=8gaussians"], r"stage=reflow: the teacher was trained on data=moons \(2,\), this run is on data=8g"),
         (["net.width=32"], r"teacher=.*: its weights do not fit the network the config builds"),
         (["objective=data"], r"stage=reflow: the teacher predicts velocity, this run data, .*init_from_teacher=false"),
@@ -91,14 +89,13 @@ def test_reflow_pairs_are_the_teachers_samples_made_once(teacher, tmp_path):
 def test_reflow_refuses_what_cannot_work_in_one_sentence(teacher, tmp_path, extra, message):
     cfg = compose_cfg(_reflow(teacher, tmp_path, *extra), tmp_path / "r")
     with pytest.raises(ConfigError, match=message):
-        t = load_teacher(cfg)
-        build_module(cfg, build_datamodule(cfg, t), t)
+        build_run(cfg)
 
 
 def test_a_missing_teacher_is_one_sentence(tmp_path):
     cfg = compose_cfg(_reflow(tmp_path / "nowhere.ckpt", tmp_path), tmp_path / "r")
     with pytest.raises(ConfigError, match=r"teacher: ckpt=.*nowhere.ckpt does not exist"):
-        load_teacher(cfg)
+        build_run(cfg)
 
 
 @pytest.mark.slow
@@ -110,12 +107,11 @@ def test_two_rectified_flow_is_straighter_and_good_in_one_step(tmp_path):
     long += ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
     teacher_metrics = train(compose_cfg(long, tmp_path / "teacher"))
     ckpt = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
-    reflow = ["stage=reflow", f"teacher={ckpt}", "coupling.n_pairs=10000", f"log_root={tmp_path}"]
+    reflow = ["stage=reflow", f"teacher={ckpt}", "stage.n_pairs=10000", f"log_root={tmp_path}"]
     train(compose_cfg([*long, *reflow], tmp_path / "student"))
     from flowdiff.metrics import w2
-    from flowdiff.samplers import build_sampler
 
-    one_step = build_sampler("euler", steps=1)
+    one_step = sampler_from_conf("euler", steps=1)
     results = {}
     for name in ("teacher", "student"):
         module, dm, _ = load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from flowdiff.checkpointing import AtomicCheckpointIO, latest_run_checkpoint, resume_path
-from flowdiff.cli.train import fit, train
 from flowdiff.errors import ConfigError
+from flowdiff.runs import fit, train
 from helpers import FAST, ROOT, compose_cfg
 
 RESUMABLE = [
@@ -303,7 +303,7 @@ def _with(overrides: list[str], base: list[str] = FAST) -> list[str]:
     [
         (["trainer.max_steps=0"], r"trainer.max_steps=0 is out of range: set it to a positive number of training"),
         (["sampler.steps=0"], r"sampler.steps=0 is out of range: set it to at least 1"),
-        (["stage=distill", "distill.steps=0"], r"distill.steps=0 is out of range: set it to at least 1 \(the student"),
+        (["stage=distill", "stage.steps=0"], r"stage.steps=0 is out of range: set it to at least 1 \(the student"),
         (
             ["guidance=cfg", "guidance.p_uncond=1.0"],
             r"guidance.p_uncond=1.0 is out of range: set it to inside \[0, 1\)",
@@ -332,11 +332,11 @@ def _with(overrides: list[str], base: list[str] = FAST) -> list[str]:
     ],
 )
 def test_out_of_range_values_are_one_sentence(tmp_path, overrides, message):
-    from flowdiff.cli.build import build_datamodule, build_module
+    from flowdiff.build import build_callbacks, build_run
 
     cfg = compose_cfg(_with(overrides), tmp_path)
-    with pytest.raises(ConfigError, match=message) as err:
-        build_module(cfg, build_datamodule(cfg))
+    with pytest.raises(ConfigError, match=message) as err:  # all before training: what fit builds first
+        build_callbacks(cfg, build_run(cfg)[1])
     assert "\n" not in str(err.value)
 
 
@@ -481,7 +481,7 @@ def test_corrupt_dataset_files_are_one_sentence_before_training(tmp_path, datase
     fix. A truncated idx file used to pass start-up and stop trainer.fit with torchvision's RuntimeError."""
     import numpy as np
 
-    from flowdiff.cli.build import build_datamodule
+    from flowdiff.build import build_datamodule
     from flowdiff.data.formats import write_cifar10
     from helpers import tiny_mnist
 
@@ -574,7 +574,7 @@ def test_a_failing_job_never_stops_its_siblings(tmp_path):
     # all four ran; then the exit status tells that two failed, and the last line how many and where to look
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"2 of 4 jobs failed; summary: {tmp_path / 'summary.md'}"
-    jobs = {}  # (optimizer, seed) -> folder (the names are too long to hold them: see flowdiff.cli.job_dir)
+    jobs = {}  # (optimizer, seed) -> folder (the names are too long to hold them: see flowdiff.configs.job_dir)
     for saved in tmp_path.glob("*/.hydra/overrides.yaml"):
         items = dict(o.split("=", 1) for o in saved.read_text().replace("- ", "").split())
         jobs[(items["optimizer._target_"].rsplit(".", 1)[-1], items["seed"])] = saved.parents[1]
@@ -604,7 +604,7 @@ def test_gradient_clipping_is_one_config_value(tmp_path):
     move the weights by at most 6e-7 (unclipped they move by far more)."""
     import lightning as L
 
-    from flowdiff.cli.build import build_datamodule, build_module
+    from flowdiff.build import build_run
 
     sgd = ["optimizer._target_=torch.optim.SGD", "optimizer.lr=0.1", "optimizer.weight_decay=0", "callbacks.ema=null"]
     sgd += ["callbacks.metrics=null", "callbacks.plot=null"]  # only the weights matter here
@@ -612,7 +612,7 @@ def test_gradient_clipping_is_one_config_value(tmp_path):
     for clip in ("1e-6", "null"):
         cfg = compose_cfg([*FAST, *sgd, f"trainer.gradient_clip_val={clip}"], tmp_path / clip)
         L.seed_everything(cfg.seed, verbose=False)  # as fit() does: the same initial weights
-        start = build_module(cfg, build_datamodule(cfg)).state_dict()
+        start = build_run(cfg)[0].state_dict()
         end = fit(cfg)[0].state_dict()
         moved[clip] = float(torch.cat([(end[k] - v).flatten() for k, v in start.items()]).norm())
     assert moved["1e-6"] <= 6e-7 * 1.01 and moved["null"] > 1e-3, moved
@@ -623,7 +623,7 @@ def test_a_requeue_signal_saves_then_hands_over_to_the_launchers_handler(tmp_pat
     the step first, then calls that handler (here a stand-in that records the call and exits, as submitit does)."""
     import lightning as L
 
-    from flowdiff.cli import train as train_cli
+    import flowdiff.runs as train_cli
 
     calls = []
 
@@ -655,7 +655,7 @@ def test_ctrl_c_during_the_final_evaluation_saves_and_stops(tmp_path):
     has its own handlers back."""
     import lightning as L
 
-    import flowdiff.cli.train as train_cli
+    import flowdiff.runs as train_cli
     from flowdiff.errors import TrainingInterrupted
 
     class CtrlCInTheLastValidation(L.Callback):
@@ -681,7 +681,7 @@ def test_signal_handlers_are_the_processs_own_again_after_a_failed_fit(tmp_path)
     it found at its start, flowdiff's): a later Ctrl-C in the same process (pytest, a notebook) interrupts it."""
     import lightning as L
 
-    import flowdiff.cli.train as train_cli
+    import flowdiff.runs as train_cli
 
     class Fails(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -703,7 +703,7 @@ def test_a_failed_job_returns_no_value_to_the_sweeper(tmp_path, monkeypatch):
     study.tell raise and stopped the study after its first failure)."""
     import flowdiff.cli.train as train_cli
 
-    monkeypatch.setattr(train_cli, "_multirun", lambda: True)
+    monkeypatch.setattr(train_cli, "multirun", lambda: True)
     assert train_cli.main(compose_cfg([*FAST, "optimizer.weight_decay=-1"], tmp_path)) is None
 
 

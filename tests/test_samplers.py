@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flowdiff.objectives import OBJECTIVES, Objective
+from flowdiff.objectives import Objective
 from flowdiff.paths import CondOTSchedule, CosineSchedule, GaussianPath
-from flowdiff.samplers import build_sampler
+from helpers import OBJECTIVE_FILES, objective_from_conf, objective_of, sampler_from_conf
 
 
 class GaussianOracle:
@@ -47,7 +47,7 @@ class GaussianOracle:
 
 
 def _fields(oracle, path, objective):
-    obj = Objective.from_name(objective)
+    obj = objective_of(objective)
 
     def velocity(x, t):
         return obj.to_velocity(path, oracle.prediction(obj.prediction, x, t), x, t)
@@ -80,7 +80,7 @@ def _make(name, path):
         "em_beta": "euler_maruyama",
         "em_langevin": "euler_maruyama",
     }.get(name, name)
-    return build_sampler(base, path=path, **SAMPLER_SETTINGS[name])
+    return sampler_from_conf(base, path=path, **SAMPLER_SETTINGS[name])
 
 
 def _oracle_cases():
@@ -88,7 +88,7 @@ def _oracle_cases():
     samplers' 1,000-step ones take about 20 s each on 2 cores): in the fast suite, the float32 test below covers
     the cosine schedule, with every sampler and objective, sample by sample."""
     for sampler in SAMPLER_SETTINGS:
-        for objective in OBJECTIVES:
+        for objective in OBJECTIVE_FILES:
             for dim in (2, 16):
                 slow = dim == 16
                 yield pytest.param(sampler, objective, dim, marks=[pytest.mark.slow] if slow else [])
@@ -140,7 +140,7 @@ def _order(sampler_name, steps_list):
     exact = oracle.flow(x0, 0.0, 1.0)
     errs = []
     for steps in steps_list:
-        out = build_sampler(sampler_name, path=path, steps=steps).sample(
+        out = sampler_from_conf(sampler_name, path=path, steps=steps).sample(
             lambda x, t: oracle.prediction("velocity", x, t), x0
         )
         errs.append((out.x - exact).abs().max().item())
@@ -162,8 +162,8 @@ def test_nfe_counts():
         return -x
 
     for name, per_step in [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4), ("ddim", 1)]:
-        assert build_sampler(name, path=path, steps=10).sample(f, x0).nfe == 10 * per_step
-    em = build_sampler("euler_maruyama", path=path, steps=10, langevin_steps=2)
+        assert sampler_from_conf(name, path=path, steps=10).sample(f, x0).nfe == 10 * per_step
+    em = sampler_from_conf("euler_maruyama", path=path, steps=10, langevin_steps=2)
     assert em.sample(f, x0, score_fn=f).nfe == 10 * 3
     # dopri5 (FSAL): 2 evaluations to choose the first step, then 6 per attempted step; tighter tolerances cost more
     nfes = []
@@ -174,7 +174,7 @@ def test_nfe_counts():
             calls.append(1)
             return -x * torch.cos(3 * t)[:, None]
 
-        nfe = build_sampler("dopri5", rtol=tol, atol=tol).sample(g, x0).nfe
+        nfe = sampler_from_conf("dopri5", rtol=tol, atol=tol).sample(g, x0).nfe
         assert nfe == len(calls) and (nfe - 2) % 6 == 0, (tol, nfe, len(calls))
         nfes.append(nfe)
     assert nfes[0] < nfes[1] < nfes[2], nfes
@@ -185,8 +185,8 @@ def test_ddim_eta0_equals_euler_on_condot():
     oracle = GaussianOracle(path.schedule, torch.tensor([0.5, 2.0], dtype=torch.float64), 0.3)
     x0 = torch.randn(256, 2, dtype=torch.float64)
     field = lambda x, t: oracle.prediction("velocity", x, t) + torch.sin(3 * x) * t[:, None]  # noqa: E731
-    euler = build_sampler("euler", steps=25).sample(field, x0, return_trajectory=True)
-    ddim = build_sampler("ddim", path=path, steps=25).sample(field, x0, return_trajectory=True)
+    euler = sampler_from_conf("euler", steps=25).sample(field, x0, return_trajectory=True)
+    ddim = sampler_from_conf("ddim", path=path, steps=25).sample(field, x0, return_trajectory=True)
     assert euler.trajectory.shape == (26, 256, 2)
     torch.testing.assert_close(ddim.trajectory, euler.trajectory, rtol=1e-10, atol=1e-10)
 
@@ -194,19 +194,23 @@ def test_ddim_eta0_equals_euler_on_condot():
 def test_trajectory_and_errors():
     path = GaussianPath(CondOTSchedule())
     x0 = torch.randn(4, 3)
-    out = build_sampler("heun", steps=5).sample(lambda x, t: x, x0, return_trajectory=True)
+    out = sampler_from_conf("heun", steps=5).sample(lambda x, t: x, x0, return_trajectory=True)
     assert out.trajectory.shape == (6, 4, 3) and torch.equal(out.trajectory[0], x0)
     torch.testing.assert_close(out.times, torch.linspace(0, 1, 6))
     with pytest.raises(ValueError, match="steps"):
-        build_sampler("euler", steps=0)
-    with pytest.raises(ValueError, match="unknown sampler"):
-        build_sampler("leapfrog")
+        sampler_from_conf("euler", steps=0)
+    from hydra.errors import MissingConfigException
+
+    from helpers import compose_cfg
+
+    with pytest.raises(MissingConfigException, match=r"Could not find 'sampler/leapfrog'(.|\n)*euler_maruyama"):
+        compose_cfg(["sampler=leapfrog"], "unused")  # an unknown sampler: Hydra names the ones there are
     with pytest.raises(ValueError, match="score_fn"):
-        build_sampler("euler_maruyama", path=path).sample(lambda x, t: x, x0)
+        sampler_from_conf("euler_maruyama", path=path).sample(lambda x, t: x, x0)
 
 
 @pytest.mark.parametrize("schedule_name", ["linear_vp", "sqrt", "polynomial"])
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("objective", list(OBJECTIVE_FILES))
 @pytest.mark.parametrize("sampler", ["dopri5", "heun", "ddim"])
 def test_oracle_on_every_schedule(schedule_name, objective, sampler):
     """The flow map of the Gaussian oracle on the schedules the test above does not cover."""
@@ -217,7 +221,7 @@ def test_oracle_on_every_schedule(schedule_name, objective, sampler):
     oracle = GaussianOracle(schedule, torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5)
     obj, velocity, _ = _fields(oracle, path, objective)
     x0 = torch.randn(512, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = build_sampler(sampler, path=path, steps=200).sample(velocity, x0, t_span=obj.sample_time_range(path))
+    out = sampler_from_conf(sampler, path=path, steps=200).sample(velocity, x0, t_span=obj.sample_time_range(path))
     err = (out.x - oracle.flow(x0, out.times[0].item(), out.times[-1].item())).abs().max().item()
     assert err < (3e-2 if sampler == "ddim" else 1e-3), f"{schedule_name}/{objective}/{sampler}: {err:.2e}"
 
@@ -226,7 +230,7 @@ def test_oracle_on_every_schedule(schedule_name, objective, sampler):
 def test_ddim_refuses_eta_outside_zero_one(eta):
     """Beyond eta = 1 the noise term's variance beta'^2 - s^2 is negative (it used to be clamped silently)."""
     with pytest.raises(ValueError, match="0 <= eta <= 1"):
-        build_sampler("ddim", path=GaussianPath(CondOTSchedule()), eta=eta)
+        sampler_from_conf("ddim", path=GaussianPath(CondOTSchedule()), eta=eta)
 
 
 class OracleNet(torch.nn.Module):
@@ -243,12 +247,7 @@ class OracleNet(torch.nn.Module):
 
 def shipped_objective(name: str) -> Objective:
     """The objective with the margins of ``conf/objective/<name>.yaml``, what users run."""
-    from omegaconf import OmegaConf
-
-    from flowdiff.cli.build import build_objective
-    from helpers import CONF
-
-    return build_objective(OmegaConf.create({"objective": OmegaConf.load(CONF / "objective" / f"{name}.yaml")}))
+    return objective_from_conf(name)
 
 
 FLOAT32_SAMPLERS = {  # name -> (sampler, settings)
@@ -263,7 +262,7 @@ FLOAT32_SAMPLERS = {  # name -> (sampler, settings)
 }
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("objective", list(OBJECTIVE_FILES))
 @pytest.mark.parametrize("schedule_name", ["condot", "cosine", "linear_vp", "polynomial", "sqrt"])
 def test_float32_sampling_lands_on_the_exact_answer(schedule_name, objective):
     """Every schedule x objective x sampler in float32, through FlowModule.sample with the shipped margins, fed the
@@ -284,7 +283,7 @@ def test_float32_sampling_lands_on_the_exact_answer(schedule_name, objective):
     module = FlowModel(OracleNet(oracle, obj.prediction), path, obj, (2,), data_moments=lambda: moments)
     eps = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for name, (base, settings) in FLOAT32_SAMPLERS.items():
-        smp = build_sampler(base, path=path, **settings)
+        smp = sampler_from_conf(base, path=path, **settings)
         out = module.sample(
             n, sampler=smp, x0=eps.float(), generator=torch.Generator().manual_seed(1), return_trajectory=True
         )

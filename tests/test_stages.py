@@ -3,15 +3,13 @@
 import pytest
 import torch
 
-from flowdiff.cli.build import build_datamodule, build_module, load_teacher
-from flowdiff.cli.sample import load_checkpoint
-from flowdiff.cli.train import train
+from flowdiff.build import build_run, load_checkpoint
 from flowdiff.errors import ConfigError
 from flowdiff.model import FlowModel
 from flowdiff.nets import MLP
-from flowdiff.objectives import Objective
 from flowdiff.paths import CondOTSchedule, CosineSchedule, GaussianPath
-from flowdiff.samplers import ConsistencySampler, build_sampler
+from flowdiff.runs import train
+from flowdiff.samplers import ConsistencySampler
 from flowdiff.stages.consistency import (
     ConsistencyModule,
     ImprovedCurriculum,
@@ -20,7 +18,7 @@ from flowdiff.stages.consistency import (
     training_points,
 )
 from flowdiff.stages.trajectories import make_trajectories
-from helpers import FAST, compose_cfg
+from helpers import FAST, compose_cfg, objective_of, sampler_from_conf
 from test_samplers import GaussianOracle
 
 BASE = [*FAST, "data=moons", "callbacks.plot=null"]
@@ -36,7 +34,7 @@ def teacher(tmp_path_factory):
 def _module(schedule, objective="cfm", dtype=torch.float32):
     torch.manual_seed(0)
     net = MLP(data_shape=[3], width=16, depth=2).to(dtype)
-    return ConsistencyModule(FlowModel(net, GaussianPath(schedule), Objective.from_name(objective), data_shape=(3,)))
+    return ConsistencyModule(FlowModel(net, GaussianPath(schedule), objective_of(objective), data_shape=(3,)))
 
 
 # ---------------------------------------------------------------- the consistency function
@@ -73,7 +71,7 @@ def test_consistency_function_meets_its_boundary_condition_exactly(schedule_name
 def test_parameterisations_without_the_boundary_condition_are_refused(schedule_name, objective, why):
     from conftest import ALL_SCHEDULES
 
-    path, obj = GaussianPath(ALL_SCHEDULES[schedule_name]), Objective.from_name(objective)
+    path, obj = GaussianPath(ALL_SCHEDULES[schedule_name]), objective_of(objective)
     assert consistency_problem(path, obj) is not None
     with pytest.raises(ValueError, match=why):
         _module(ALL_SCHEDULES[schedule_name], objective)
@@ -136,19 +134,19 @@ def test_consistency_sampler_with_the_exact_flow_map_is_exact_at_any_step_count(
 def test_one_step_samplers_report_nfe_one():
     torch.manual_seed(0)
     path = GaussianPath(CondOTSchedule())
-    module = FlowModel(MLP(data_shape=[2], width=16, depth=2), path, Objective.from_name("cfm"), data_shape=(2,))
+    module = FlowModel(MLP(data_shape=[2], width=16, depth=2), path, objective_of("cfm"), data_shape=(2,))
     for name in ("euler", "consistency", "ddim"):
-        sampler = build_sampler(name, path=path, steps=1)
+        sampler = sampler_from_conf(name, path=path, steps=1)
         assert module.sample(50, sampler=sampler).nfe == 1, name
-    assert module.sample(50, sampler=build_sampler("consistency", path=path, steps=4)).nfe == 4
-    assert module.sample(50, sampler=build_sampler("heun", steps=1)).nfe == 2
+    assert module.sample(50, sampler=sampler_from_conf("consistency", path=path, steps=4)).nfe == 4
+    assert module.sample(50, sampler=sampler_from_conf("heun", steps=1)).nfe == 2
 
 
 # ---------------------------------------------------------------- distillation
 def test_teacher_trajectories_are_its_own_ode_states(teacher):
     """k = 2 trajectories with the teacher's 10-step Euler: states 0, 5 and 10 of its own trajectory, exactly."""
     module, _, _ = load_checkpoint(teacher)
-    sampler = build_sampler("euler", steps=10)
+    sampler = sampler_from_conf("euler", steps=10)
     out = make_trajectories(module, 40, sampler, steps=2, batch_size=16, seed=3)
     assert out["xs"].shape == (40, 3, 2) and torch.allclose(out["times"], torch.tensor([0.0, 0.5, 1.0]))
     again = module.sample(40, sampler=sampler, x0=out["xs"][:, 0], return_trajectory=True)
@@ -158,20 +156,19 @@ def test_teacher_trajectories_are_its_own_ode_states(teacher):
 
 
 def test_distilled_student_trains_on_the_teachers_trajectories_and_samples_alone(teacher, tmp_path):
-    """stage=distill distill.steps=2: batches carry the teacher's 3 states, the student starts from its weights, its
+    """stage=distill stage.steps=2: batches carry the teacher's 3 states, the student starts from its weights, its
     sampler is 2-step Euler (NFE 2 at validation) and its checkpoint samples without the teacher; a progressive
     round on it (its own 2 Euler steps halved to 1) trains too."""
-    common = [*BASE, f"log_root={tmp_path}", "distill.n_pairs=64", "distill.sampler.name=euler"]
-    common.append("+distill.sampler.steps=8")
-    cfg = compose_cfg([*common, "stage=distill", f"teacher={teacher}", "distill.steps=2"], tmp_path / "two")
-    t = load_teacher(cfg)
-    dm = build_datamodule(cfg, t)
+    common = [*BASE, f"log_root={tmp_path}", "stage.n_pairs=64", "sampler@stage.sampler=euler"]
+    common.append("stage.sampler.steps=8")
+    cfg = compose_cfg([*common, "stage=distill", f"teacher={teacher}", "stage.steps=2"], tmp_path / "two")
+    student, dm = build_run(cfg)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["xs"].shape[1:] == (3, 2) and torch.allclose(batch["times"][0], torch.tensor([0.0, 0.5, 1.0]))
-    student = build_module(cfg, dm, t)
     assert type(student).__name__ == "DistillationModule"
-    assert torch.equal(student.net.state_dict()["body.0.weight"], t.module.net.state_dict()["body.0.weight"])
+    t, _, _ = load_checkpoint(teacher)
+    assert torch.equal(student.net.state_dict()["body.0.weight"], t.net.state_dict()["body.0.weight"])
     loss = student.loss(batch)
     assert torch.isfinite(loss) and loss > 0
     metrics = train(cfg)
@@ -182,33 +179,35 @@ def test_distilled_student_trains_on_the_teachers_trajectories_and_samples_alone
     ckpt = tmp_path / "two" / "checkpoints" / "last.ckpt"
     alone, _, _ = load_checkpoint(ckpt)
     assert alone.sample(10).nfe == 2
-    from flowdiff.cli.sample import sample  # sample.py sweeps its step count like any model's
+    from flowdiff.evaluation import sample  # sample.py sweeps its step count like any model's
 
     out = sample(compose_cfg([f"ckpt={ckpt}", "sampler.steps=4", "n=64"], tmp_path / "s", config="sample"))
     assert out["nfe"] == 4 and out["w2"] > 0 and out["straightness"] > 0
-    halved = [*common, "stage=distill", f"teacher={ckpt}", "distill.steps=1", "distill.progressive=true"]
+    halved = [*common, "stage=distill", f"teacher={ckpt}", "stage.steps=1", "stage.progressive=true"]
     assert train(compose_cfg(halved, tmp_path / "one"))["nfe"] == 1
 
 
 # ---------------------------------------------------------------- consistency models
 @pytest.mark.parametrize("with_teacher", [True, False], ids=["distillation", "training"])
 def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(teacher, tmp_path, with_teacher):
-    extra = [f"teacher={teacher}"] if with_teacher else ["consistency.init_from_teacher=false"]
+    extra = [f"teacher={teacher}"] if with_teacher else ["stage.init_from_teacher=false"]
     cfg = compose_cfg([*BASE, "stage=consistency", "callbacks.ema=null", *extra], tmp_path / "cm")
-    t = load_teacher(cfg)
-    assert (t is not None) == with_teacher
-    module = build_module(cfg, build_datamodule(cfg, t), t)
+    module, _ = build_run(cfg)
+    assert (module.teacher is not None) == with_teacher
     before = {k: v.clone() for k, v in module.target_net.state_dict().items()}
     if with_teacher:  # distillation starts from the teacher, target included
-        assert torch.equal(before["body.0.weight"], t.module.net.state_dict()["body.0.weight"])
+        t, _, _ = load_checkpoint(teacher)
+        assert torch.equal(before["body.0.weight"], t.net.state_dict()["body.0.weight"])
     metrics = train(cfg)
     assert metrics["nfe"] == 1 and metrics["val/w2"] < 5
-    trained, _, _ = load_checkpoint(tmp_path / "cm" / "checkpoints" / "last.ckpt")
-    after, online = trained.target_net.state_dict()["body.0.weight"], trained.net.state_dict()["body.0.weight"]
+    ckpt = tmp_path / "cm" / "checkpoints" / "last.ckpt"
+    trained, _, _ = load_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)["state_dict"]  # the target network is training's, not the model's
+    after, online = state["target_net.body.0.weight"], trained.net.state_dict()["body.0.weight"]
     assert not torch.equal(after, before["body.0.weight"])  # the target moved
     # distillation: an EMA of the online net (mu = 0.95), not the net itself; training: the online net (mu = 0)
     assert torch.equal(after, online) != with_teacher
-    two = trained.sample(20, sampler=build_sampler("consistency", path=trained.path, steps=2))
+    two = trained.sample(20, sampler=sampler_from_conf("consistency", path=trained.path, steps=2))
     assert two.nfe == 2 and torch.isfinite(two.x).all()
 
 
@@ -219,14 +218,14 @@ def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(tea
         (["stage=train", "teacher=TEACHER"], r"teacher=.* is set but stage=train does not use one"),
         (["stage=distill", "teacher=TEACHER", "objective=score"], r"stage=distill trains Euler steps .* objective=cfm"),
         (["stage=distill", "teacher=TEACHER", "sampler.steps=3"], r"trains a 1-step student but sampler.steps=3: drop"),
-        (["stage=distill", "teacher=TEACHER", "distill.progressive=true"], r"its sampler is euler with 100 steps"),
+        (["stage=distill", "teacher=TEACHER", "stage.progressive=true"], r"its sampler is EulerSampler\(steps=100,"),
         (
             [
                 "stage=distill",
                 "teacher=TEACHER",
-                "distill.steps=3",
-                "distill.sampler.name=heun",
-                "+distill.sampler.steps=8",
+                "stage.steps=3",
+                "sampler@stage.sampler=heun",
+                "stage.sampler.steps=8",
             ],
             r"stage=distill: the teacher's sampler takes 8 steps, not a multiple of the student's 3",
         ),
@@ -236,7 +235,7 @@ def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(tea
             r"objective=cfm with the SqrtSchedule: .*; use path=condot or path=cosine",
         ),
         (["stage=consistency", "teacher=TEACHER", "guidance=cfg"], r"the teacher was trained with guidance=none"),
-        (["stage=consistency", "teacher=TEACHER", "consistency.curriculum.s0=1"], r"consistency settings out of range"),
+        (["stage=consistency", "teacher=TEACHER", "stage.curriculum.s0=1"], r"consistency settings out of range"),
         (["stage=consistency", "data=8gaussians", "teacher=TEACHER"], r"teacher was trained on data=moons"),
     ],
 )
@@ -244,10 +243,8 @@ def test_stages_refuse_what_cannot_work_in_one_sentence(teacher, tmp_path, extra
     extra = [e.replace("TEACHER", str(teacher)) for e in extra]
     cfg = compose_cfg([*BASE, f"log_root={tmp_path}", *extra], tmp_path / "r")
     with pytest.raises(ConfigError, match=message):
-        t = load_teacher(cfg)
-        dm = build_datamodule(cfg, t)
+        _, dm = build_run(cfg)
         dm.setup("fit")
-        build_module(cfg, dm, t)
 
 
 @pytest.mark.slow
@@ -270,15 +267,28 @@ def test_one_step_students_meet_their_targets_against_the_teacher(tmp_path):
 def test_checkpoints_from_before_curricula_train_with_song_et_al():
     """A consistency run's stored config from before curricula were a choice (s0, s1, mu0 beside the other settings)
     rebuilds with Song et al.'s curriculum and those values; today's configs name theirs."""
-    from omegaconf import OmegaConf
+    from hydra.utils import instantiate
 
-    from flowdiff.cli.build import consistency_curriculum
+    from flowdiff.compat import upgrade
+    from flowdiff.stages import ConsistencyStage
 
-    old = OmegaConf.create({"intervals": 18, "s0": 3, "s1": 40, "mu0": 0.5, "loss": "l2"})
-    built = consistency_curriculum(old)
+    old = {
+        "objective": {"name": "cfm"},
+        "path": {"schedule": {"_target_": "flowdiff.paths.CondOTSchedule"}, "sigma": 0.0},
+        "guidance": {"name": "none"},
+        "sampler": {"name": "consistency", "steps": 1},
+        "coupling": {"name": "independent"},
+        "stage": {"name": "consistency"},
+        "consistency": {"intervals": 18, "s0": 3, "s1": 40, "mu0": 0.5, "loss": "l2"},
+    }
+    built = instantiate(upgrade(old)["stage"]["curriculum"])
     assert isinstance(built, SongCurriculum) and (built.s0, built.s1, built.mu0) == (3, 40, 0.5)
-    new = OmegaConf.create({"curriculum": {"_target_": "flowdiff.stages.consistency.ImprovedCurriculum", "s0": 4}})
-    assert isinstance(consistency_curriculum(new), ImprovedCurriculum) and consistency_curriculum(new).s0 == 4
+    new = {
+        "_target_": "flowdiff.stages.ConsistencyStage",
+        "curriculum": {"_target_": f"{ImprovedCurriculum.__module__}.ImprovedCurriculum", "s0": 4},
+    }
+    stage = instantiate(new)
+    assert isinstance(stage, ConsistencyStage) and stage.module_kwargs()["curriculum"].s0 == 4
 
 
 def test_consistency_training_loss_weights_each_interval_and_puts_the_online_net_at_its_noisy_end():

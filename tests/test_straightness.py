@@ -7,9 +7,9 @@ import torch
 
 from flowdiff.model import FlowModel
 from flowdiff.nets import MLP
-from flowdiff.objectives import Objective
 from flowdiff.paths import CondOTSchedule, GaussianPath
 from flowdiff.straightness import straightness
+from helpers import objective_of
 from test_samplers import GaussianOracle
 
 
@@ -53,7 +53,7 @@ def test_module_straightness_uses_the_models_own_ode():
     starting points; and it is positive (a random field is not straight)."""
     torch.manual_seed(0)
     path = GaussianPath(CondOTSchedule())
-    module = FlowModel(MLP(data_shape=[2], width=16, depth=2), path, Objective.from_name("cfm"), data_shape=(2,))
+    module = FlowModel(MLP(data_shape=[2], width=16, depth=2), path, objective_of("cfm"), data_shape=(2,))
     value = module.straightness(200, steps=50, generator=torch.Generator().manual_seed(4))
     x0 = torch.randn((200, 2), generator=torch.Generator().manual_seed(4))
     direct, _ = straightness(module.vector_fields().velocity, x0, (0.0, 1.0), 50)

@@ -209,8 +209,8 @@ def test_summary_goes_to_the_sweeps_wandb_group(tmp_path, monkeypatch):
 
 def test_ddp_inside_a_local_sweep_is_one_sentence(tmp_path, monkeypatch):
     """Lightning would re-run the whole -m command line in each job's second process: refused, naming the ways."""
-    from flowdiff.cli.train import fit
     from flowdiff.errors import ConfigError
+    from flowdiff.runs import fit
     from helpers import FAST, compose_cfg
 
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
@@ -225,7 +225,7 @@ def test_a_device_is_held_by_one_job_at_a_time(tmp_path):
     import threading
     import time
 
-    from flowdiff.cli.train import claim_device
+    from flowdiff.runs import claim_device
 
     locks = tmp_path / ".devices"
     first, second = claim_device(locks, 2, first=0), claim_device(locks, 2, first=0)

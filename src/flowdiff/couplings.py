@@ -4,9 +4,11 @@ Minibatch OT (Tong et al. 2024, "OT-CFM"; Pooladian et al. 2023) re-pairs the so
 ``x0`` with the data ``z`` of one batch along an optimal plan for the squared Euclidean
 cost. With uniform weights and equal batch sizes POT's network simplex (``ot.emd``) returns a
 vertex of the Birkhoff polytope, i.e. a permutation, which is used as it is (no draws, every
-source point used once); otherwise pairs are drawn from POT's exact or Sinkhorn plan, as torchcfm does.
-At batch 256 on 2 CPU cores ``ot.emd`` took 10-14 ms, scipy's ``linear_sum_assignment`` 18 ms and
-``lap.lapjv`` 36 ms (bench/overhead.py has the comparison with torchcfm).
+source point used once); otherwise pairs are drawn from POT's exact or Sinkhorn plan, as torchcfm does
+(docs/BENCHMARKS.md compares the solvers' cost).
+
+A coupling declares whether it keeps the noise independent of the data (``independent``): the score's formula
+``-E[eps | x_t] / beta_t`` and the samplers that draw noise assume it, and the rules ask.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ import ot
 import torch
 from torch import Tensor
 
+from flowdiff.errors import check_choice, check_setting
+
 Batch = tuple[Tensor, Tensor, Tensor | None]
 
 
 class Coupling:
     """Re-pair a batch: ``(x0, z, y) -> (x0', z', y')``; labels stay with their data points."""
+
+    #: whether the noise stays independent of the data (the product coupling keeps it so; a plan does not)
+    independent: bool = False
 
     def __call__(
         self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
@@ -34,6 +41,8 @@ class Coupling:
 
 class IndependentCoupling(Coupling):
     """The product coupling ``q(x0) q(z)``: the batch as drawn."""
+
+    independent = True
 
     def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator=None) -> Batch:
         return x0, z, y
@@ -70,10 +79,8 @@ class MinibatchOTCoupling(Coupling):
         by_label: bool = False,
         global_batch: bool = False,
     ) -> None:
-        if method not in ("exact", "sinkhorn"):
-            raise ValueError(f"unknown OT method {method!r}; choose exact or sinkhorn")
-        if reg <= 0:
-            raise ValueError(f"coupling.reg must be > 0, got {reg}")
+        check_choice("method", method, ("exact", "sinkhorn"))
+        check_setting("reg", reg, lambda v: v > 0, "a positive regularisation, such as 0.05")
         self.method = method
         self.reg = reg
         self.by_label = by_label

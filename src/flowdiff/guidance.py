@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from flowdiff.errors import check_setting
+
 NetFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
@@ -31,8 +33,7 @@ class ClassifierFreeGuidance:
     """
 
     def __init__(self, null_label: int, p_uncond: float = 0.1, scale: float = 1.0) -> None:
-        if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
+        check_setting("p_uncond", p_uncond, lambda v: 0 <= v < 1, "inside [0, 1), such as 0.1")
         self.null_label = null_label
         self.p_uncond = p_uncond
         self.scale = scale

@@ -248,8 +248,12 @@ class FlowModel(nn.Module):
         ``on_evaluation()`` is called after each network evaluation (a progress bar).
         """
         sampler = sampler or self.sampler
-        if sampler.stochastic and "score" not in self.path.parameterisations:
-            raise ValueError(f"{type(sampler).__name__} needs a score, so a Gaussian source: use an ODE sampler")
+        missing = set(sampler.fields) - set(self.path.parameterisations)
+        if missing:
+            raise ValueError(
+                f"{type(sampler).__name__} needs the {', '.join(sorted(missing))} field, so a Gaussian source: use "
+                "an ODE sampler"
+            )
         x0 = self.draw_source(n, generator) if x0 is None else x0.to(self.device)
         fields = self.vector_fields(self.conditioning(n, y), guidance_scale, on_evaluation)
         with self.evaluating():

@@ -10,6 +10,9 @@ from torch import Tensor
 from flowdiff.errors import NonFiniteLoss
 
 POLICIES = ("stop", "skip", "off")
+SKIP_UNDER_DDP = (
+    "nan_policy=skip cannot run under DDP (one rank skipping its update would stall the others): use nan_policy=stop"
+)
 
 
 class NonFiniteLossGuard:
@@ -21,7 +24,7 @@ class NonFiniteLossGuard:
 
     def __init__(self, policy: str = "stop") -> None:
         if policy not in POLICIES:
-            raise ValueError(f"nan_policy must be stop, skip or off, got {policy!r}")
+            raise ValueError(f"nan_policy={policy} is unknown; choose {', '.join(POLICIES)}")
         self.policy = policy
         self.skipped = 0
         self.every_step: bool | None = None
@@ -29,10 +32,7 @@ class NonFiniteLossGuard:
 
     def check_world(self, world_size: int) -> None:
         if self.policy == "skip" and world_size > 1:
-            raise ValueError(
-                "nan_policy=skip cannot run under DDP (one rank skipping its backward would stall the "
-                "others): use nan_policy=stop"
-            )
+            raise ValueError(SKIP_UNDER_DDP)
 
     def act_now(self, loss: Tensor, trainer) -> bool:
         """Whether the loss is not finite and the guard acts on it now (see the class docstring)."""

@@ -14,7 +14,8 @@ Three time ranges, each with its own margin, applied only at an end where a quan
 
 * training draws t where the conditional target is finite, kept ``train_margin`` from a singular end;
 * sampling starts ``sample_margins[0]`` (``s``) from t = 0 where the conversion to a velocity divides
-  by ``alpha_0 = 0``: the network's error is amplified by ``1 / alpha_t`` there (``conf/objective/noise.yaml``);
+  by ``alpha_0 = 0``: the network's error is amplified by ``1 / alpha_t`` there (``conf/objective/noise.yaml``
+  starts at 0.3);
 * sampling stops ``sample_margins[1]`` (``e``) before t = 1 where a conversion or the schedule's
   derivative is infinite, and the sampler's **last step** then jumps to t = 1 with the data prediction
   ``E[z | x_t]`` (as DDPM and EDM do), instead of returning ``x_t`` with its noise of size ``beta_t``.
@@ -32,9 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from flowdiff.paths.gaussian import PathSample
+from flowdiff.paths.gaussian import PARAMETERISATIONS, PathSample
 
-OBJECTIVES: dict[str, str] = {"cfm": "velocity", "score": "score", "noise": "noise", "data": "data"}
 Weighting = Literal["none", "beta_sq"]
 
 
@@ -60,21 +60,14 @@ class Objective:
             raise ValueError(
                 f"objective margins must lie in (0, 0.5): train_margin={train_margin}, sample_margins={sample_margins}"
             )
-        if prediction not in OBJECTIVES.values():
-            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(OBJECTIVES.values())}")
+        if prediction not in PARAMETERISATIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PARAMETERISATIONS)}")
         if weighting not in ("none", "beta_sq"):
             raise ValueError(f"unknown weighting {weighting!r}; choose none or beta_sq")
         self.prediction = prediction
         self.weighting = weighting
         self.train_margin = float(train_margin)
         self.sample_margins: tuple[float, float] = sample_margins  # type: ignore[assignment]
-
-    @classmethod
-    def from_name(cls, name: str, **kwargs) -> Objective:
-        """``cfm``, ``score``, ``noise`` or ``data``."""
-        if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-        return cls(OBJECTIVES[name], **kwargs)
 
     def __repr__(self) -> str:
         return (

@@ -1,6 +1,6 @@
 """One table per sweep: every job's swept choices, final metrics, NFE, wall time and status, in the multirun folder.
 
-Each job writes ``job.json`` in its run directory when it ends (``flowdiff.cli.train.main``: completed, or failed
+Each job writes ``job.json`` in its run directory when it ends (``flowdiff.runs.write_job_record``: completed, or failed
 with its one-line reason); :class:`SweepSummary`, a Hydra callback, reads them when the multirun ends, whatever
 launcher ran the jobs (basic, joblib, submitit), and writes ``summary.csv`` and ``summary.md`` (and logs the table
 to W&B when the jobs used it). A job that left no record (killed) is listed as ``no record``.

@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
+from flowdiff.errors import check_setting
+
 
 class EMA(EMAWeightAveraging):
     """``EMAWeightAveraging(decay)`` with a fused, sync-free update (see the module docstring)."""
 
     def __init__(self, decay: float = 0.999, **kwargs) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        within = "inside (0, 1), such as 0.999 (callbacks.ema=null turns EMA off)"
+        check_setting("decay", decay, lambda v: 0 < v < 1, within)
         super().__init__(decay=decay, **kwargs)
         self.decay = decay
         self._pairs: tuple[list, list, list, list] | None = None

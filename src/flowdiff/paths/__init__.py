@@ -3,7 +3,6 @@
 from flowdiff.paths.gaussian import PARAMETERISATIONS, GaussianPath, PathSample
 from flowdiff.paths.interpolant import NoisyInterpolantPath
 from flowdiff.paths.schedules import (
-    SCHEDULES,
     CondOTSchedule,
     CosineSchedule,
     LinearVPSchedule,
@@ -13,9 +12,18 @@ from flowdiff.paths.schedules import (
     SqrtSchedule,
 )
 
+
+def probability_path(schedule: Schedule, sigma: float = 0.0, gaussian_source: bool = True):
+    """The path of ``schedule``: the Gaussian path (every parameterisation) for a Gaussian source with ``sigma = 0``,
+    else torchcfm's noisy interpolant (velocity only) with a tube of width ``sigma``. ``gaussian_source`` comes from
+    the data, at build time (configs build this with ``_partial_: true``)."""
+    if gaussian_source and sigma == 0:
+        return GaussianPath(schedule)
+    return NoisyInterpolantPath(schedule, sigma=sigma)
+
+
 __all__ = [
     "PARAMETERISATIONS",
-    "SCHEDULES",
     "CondOTSchedule",
     "CosineSchedule",
     "GaussianPath",
@@ -26,4 +34,5 @@ __all__ = [
     "Schedule",
     "ScheduleValues",
     "SqrtSchedule",
+    "probability_path",
 ]

@@ -101,12 +101,3 @@ class SqrtSchedule(Schedule):
     def __call__(self, t: Tensor) -> ScheduleValues:
         beta = torch.sqrt(1 - t)
         return ScheduleValues(t, beta, torch.ones_like(t), -0.5 / beta)
-
-
-SCHEDULES: dict[str, type[Schedule]] = {
-    "condot": CondOTSchedule,
-    "cosine": CosineSchedule,
-    "linear_vp": LinearVPSchedule,
-    "polynomial": PolynomialSchedule,
-    "sqrt": SqrtSchedule,
-}

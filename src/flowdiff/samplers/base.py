@@ -71,7 +71,8 @@ class Sampler:
     Subclasses implement :meth:`integrate` on the grid.
     """
 
-    #: whether the sampler needs ``score_fn`` (SDE samplers)
+    #: whether it draws fresh noise while sampling (SDEs, DDPM steps): the score's formula, and so such a sampler,
+    #: assumes noise drawn independently of the data
     stochastic: bool = False
     #: the fields it evaluates (the sampling span is where the model's prediction converts into them)
     fields: tuple[str, ...] = ("velocity",)
@@ -101,15 +102,22 @@ class Sampler:
         return None if self.adaptive else self.steps * self.evaluations_per_step
 
     def with_steps(self, steps: int) -> Sampler:
-        """This sampler with ``steps`` steps (an adaptive solver, whose steps are not its own, becomes Euler's)."""
+        """This sampler with ``steps`` steps (a profile of quality against NFE; an adaptive solver answers with a
+        fixed-step one)."""
         check_setting("steps", steps, lambda v: v >= 1, "at least 1 (a sampler needs at least one step)", whole=True)
-        if self.adaptive:
-            from flowdiff.samplers.ode import EulerSampler
-
-            return EulerSampler(steps, self.t_min, self.t_max, self.denoise)
         other = copy.copy(self)
-        other.steps = steps
+        other.steps = int(steps)
         return other
+
+    def recording(self, steps: int) -> Sampler:
+        """A sampler whose trajectory holds the states at ``steps`` even intervals of its span (a teacher's
+        trajectories): this one when its own grid contains them (its steps a multiple of ``steps``)."""
+        if self.steps % steps:
+            raise ValueError(
+                f"the teacher's sampler takes {self.steps} steps, not a multiple of the student's {steps}: "
+                "choose a multiple (or dopri5)"
+            )
+        return self
 
     def grid(self, x0: Tensor, t_span: tuple[float, float] = (0.0, 1.0)) -> Tensor:
         return time_grid(
@@ -129,7 +137,7 @@ class Sampler:
         generator: torch.Generator | None = None,
     ) -> SampleResult:
         """Integrate from ``x0`` at the span's start; ``generator`` drives the noise of SDE samplers."""
-        if self.stochastic and score_fn is None:
+        if "score" in self.fields and score_fn is None:
             raise ValueError(f"{type(self).__name__} needs a score_fn (the model gives it through the path)")
         times = self.grid(x0, t_span)
         out = self.integrate(

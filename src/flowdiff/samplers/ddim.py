@@ -21,6 +21,10 @@ from flowdiff.utils import broadcast_time, full_time
 class DDIMSampler(Sampler):
     """DDIM (``eta = 0``) to DDPM (``eta = 1``) steps built from any objective's prediction, via the path."""
 
+    @property
+    def stochastic(self) -> bool:  # eta > 0 draws fresh noise at every step: it needs noise independent of the data
+        return self.eta > 0
+
     def __init__(
         self,
         path,

@@ -3,6 +3,8 @@ and adaptive Dormand-Prince (dopri5) through torchdiffeq."""
 
 from __future__ import annotations
 
+import copy
+
 from torchdiffeq import odeint
 
 from flowdiff.errors import check_setting
@@ -68,6 +70,17 @@ class Dopri5Sampler(Sampler):
         check_setting("atol", atol, lambda v: v > 0, "a positive absolute tolerance, such as 1e-5")
         self.rtol = rtol
         self.atol = atol
+
+    def with_steps(self, steps: int) -> Sampler:
+        """Euler's ``steps`` steps: an adaptive solver's steps are not its own to set."""
+        check_setting("steps", steps, lambda v: v >= 1, "at least 1 (a sampler needs at least one step)", whole=True)
+        return EulerSampler(int(steps), self.t_min, self.t_max, self.denoise)
+
+    def recording(self, steps: int) -> Dopri5Sampler:
+        """The same solve, its output grid ``steps`` even intervals (free for an adaptive solver)."""
+        other = copy.copy(self)
+        other.steps = steps
+        return other
 
     def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
         counted = CountedField(velocity_fn)

@@ -1,10 +1,17 @@
-"""Few-step stages: a trained model (the teacher, a checkpoint) in, a new model out.
+"""Stages: what a run trains, and from what (``conf/stage/<name>.yaml``).
 
-* :mod:`~flowdiff.stages.reflow`: the 2-rectified flow, trained on (noise, teacher sample) pairs (a coupling);
-* :mod:`~flowdiff.stages.distill`: a ``k``-step student of the teacher's ODE;
-* :mod:`~flowdiff.stages.consistency`: consistency distillation and consistency training;
+* :class:`TrainStage`: a model from data (the default);
+* :class:`ReflowStage`: the 2-rectified flow of a teacher, trained on (noise, teacher sample) pairs;
+* :class:`DistillStage`: a ``k``-step student of the teacher's ODE;
+* :class:`ConsistencyStage`: consistency distillation, or consistency training without a teacher;
 * :mod:`~flowdiff.stages.trajectories`: the teacher's ODE states that reflow and distillation train on, stored once.
 
-``python train.py stage=reflow|distill|consistency teacher=<ckpt>``; the glue (loading the teacher, checking it
-fits the run) is in :mod:`flowdiff.cli.build`.
+``python train.py stage=reflow|distill|consistency teacher=<ckpt>``.
 """
+
+from flowdiff.stages.base import Stage, Teacher, TrainStage
+from flowdiff.stages.consistency import ConsistencyStage
+from flowdiff.stages.distill import DistillStage
+from flowdiff.stages.reflow import ReflowStage
+
+__all__ = ["ConsistencyStage", "DistillStage", "ReflowStage", "Stage", "Teacher", "TrainStage"]

@@ -28,7 +28,10 @@ import math
 import torch
 from torch import Tensor
 
+from flowdiff.errors import ConfigError
 from flowdiff.module import FlowModule
+from flowdiff.rules import chosen
+from flowdiff.stages.base import Stage
 from flowdiff.stages.distances import check_distance, distance
 from flowdiff.utils import broadcast_time, cpu_generator
 
@@ -171,7 +174,7 @@ class ConsistencyModule(FlowModule):
     sampled with :class:`flowdiff.samplers.ConsistencySampler` (``f`` is :meth:`VectorFields.data`).
 
     Args (besides :class:`FlowModule`'s):
-        teacher: a trained :class:`FlowModule` (consistency distillation), or ``None`` (consistency training).
+        teacher: a trained :class:`~flowdiff.model.FlowModel` (consistency distillation), or ``None`` (training).
         intervals: ``N`` for distillation.
         target_decay: ``mu`` for distillation (0: the target is the online network without gradient).
         curriculum: consistency training's schedule (:class:`SongCurriculum` by default).
@@ -182,7 +185,7 @@ class ConsistencyModule(FlowModule):
     def __init__(
         self,
         *args,
-        teacher: FlowModule | None = None,
+        teacher=None,
         intervals: int = 18,
         target_decay: float = 0.95,
         curriculum: SongCurriculum | None = None,
@@ -293,3 +296,47 @@ class ConsistencyModule(FlowModule):
             torch._foreach_copy_(target, online)
         else:
             torch._foreach_lerp_(target, online, 1.0 - mu)
+
+
+class ConsistencyStage(Stage):
+    """A consistency model: distilled from ``teacher``'s ODE (one teacher step between adjacent times), or trained
+    from data when there is no teacher. Its settings (intervals, target_decay, curriculum, loss, teacher_solver) are
+    :class:`ConsistencyModule`'s; ``init_from_teacher`` starts both the online and the target network from the
+    teacher's weights."""
+
+    name = "consistency"
+    module_class = ConsistencyModule
+    student_guidance_scale = 1.0
+
+    def __init__(self, teacher: str | None = None, init_from_teacher: bool = True, **module_settings) -> None:
+        super().__init__(teacher, init_from_teacher)
+        self.module_settings = module_settings
+
+    def module_kwargs(self) -> dict:
+        teacher = self.teacher
+        return {**self.module_settings, "teacher": None if teacher is None else teacher.model}
+
+    def check(self, datamodule, model, coupling) -> None:
+        super().check(datamodule, model, coupling)
+        problem = consistency_problem(model.path, model.objective)
+        if problem is not None:
+            fix = "use path=condot or path=cosine" if model.objective.prediction == "velocity" else "use objective=cfm"
+            objective = chosen("objective", f"a {model.objective.prediction} objective")
+            raise ConfigError(
+                f"stage=consistency cannot use {objective} with the {type(model.path.schedule).__name__}: {problem}; "
+                f"{fix}"
+            )
+        teacher = self.teacher
+        if teacher is not None:
+            lo, _ = teacher.model.objective.sample_time_range(teacher.model.path)
+            if lo > 0:
+                raise ConfigError(
+                    f"stage=consistency: the teacher's velocity is not finite at t = 0 (its objective "
+                    f"{teacher.model.objective.prediction} is sampled from t = {lo:.3g}), where distillation "
+                    "starts: use a cfm or data teacher, or teacher=null for consistency training"
+                )
+
+    def initialise(self, module) -> None:
+        super().initialise(module)
+        if self.teacher is not None and self.init_from_teacher:
+            module.target_net.load_state_dict(module.net.state_dict())

@@ -10,6 +10,7 @@ everything that makes them, so repeated runs reuse them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,22 +21,11 @@ import torch
 from torch import Tensor
 
 from flowdiff.callbacks.images import balanced_labels
-from flowdiff.samplers import Dopri5Sampler, Sampler
+from flowdiff.data.pairs import PairsDataModule
+from flowdiff.errors import ConfigError, check_setting
+from flowdiff.samplers import Sampler
 
 log = logging.getLogger("flowdiff")
-
-
-def on_grid(sampler: Sampler, steps: int) -> Sampler:
-    """``sampler`` set to record ``steps`` intervals: an adaptive solver's output grid is free; a fixed-step
-    sampler's own grid must contain the coarse one (its steps a multiple of ``steps``)."""
-    if isinstance(sampler, Dopri5Sampler):
-        return Dopri5Sampler(sampler.rtol, sampler.atol, steps, sampler.t_min, sampler.t_max, sampler.denoise)
-    if sampler.steps % steps:
-        raise ValueError(
-            f"the teacher's sampler takes {sampler.steps} steps, not a multiple of the student's {steps}: "
-            "choose a multiple (or dopri5)"
-        )
-    return sampler
 
 
 @torch.no_grad()
@@ -46,7 +36,7 @@ def make_trajectories(
     from ``n`` noises drawn from ``seed`` (``xs[:, 0]``), at ``steps + 1`` evenly spaced times of its sampling span;
     ``xs[:, -1]`` is its sample (after the sampler's final denoising step, if any). A CFG teacher is conditioned on
     balanced labels, at its trained guidance scale."""
-    sampler = on_grid(sampler, steps)
+    sampler = sampler.recording(steps)
     g = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, teacher.guidance.null_label if teacher.guidance is not None else 0)
     xs, ys, times = [], [], None
@@ -70,12 +60,12 @@ def make_trajectories(
     return {"xs": torch.cat(xs), "times": times, "y": torch.cat(ys)}
 
 
-def trajectories_key(teacher_path: str | Path, sampler_cfg: dict, n: int, steps: int, seed: int) -> str:
-    """Names stored trajectories by what makes them: the teacher file (path, size, time), its sampler, n, the grid
-    and the seed."""
+def trajectories_key(teacher_path: str | Path, sampler: Sampler, n: int, steps: int, seed: int) -> str:
+    """Names stored trajectories by what makes them: the teacher file (path, size, time), its sampler (every
+    setting, as its repr lists them), n, the grid and the seed."""
     path = Path(teacher_path).resolve()
     stat = path.stat()
-    what = [str(path), stat.st_size, stat.st_mtime_ns, sampler_cfg, n, steps, seed]
+    what = [str(path), stat.st_size, stat.st_mtime_ns, repr(sampler), n, steps, seed]
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -83,7 +73,6 @@ def load_or_make_trajectories(
     teacher_path: str | Path,
     teacher,
     sampler: Sampler,
-    sampler_cfg: dict,
     n: int,
     cache_dir: str | Path,
     steps: int = 1,
@@ -92,7 +81,7 @@ def load_or_make_trajectories(
 ) -> tuple[dict[str, Tensor], Path]:
     """The stored trajectories for this teacher, sampler, ``n``, grid and ``seed`` (made and saved atomically on
     first use, with the time they took and their size printed)."""
-    cache = Path(cache_dir) / f"trajectories-{trajectories_key(teacher_path, sampler_cfg, n, steps, seed)}.pt"
+    cache = Path(cache_dir) / f"trajectories-{trajectories_key(teacher_path, sampler, n, steps, seed)}.pt"
     what = "pairs" if steps == 1 else f"{steps}-step trajectories"
     if cache.is_file():
         stored = torch.load(cache, weights_only=False)
@@ -101,7 +90,7 @@ def load_or_make_trajectories(
     start = time.perf_counter()
     trajectories = make_trajectories(teacher, n, sampler, steps, batch_size, seed)
     seconds = time.perf_counter() - start
-    meta = {"teacher": str(teacher_path), "sampler": sampler_cfg, "n": n, "steps": steps, "seed": seed}
+    meta = {"teacher": str(teacher_path), "sampler": repr(sampler), "n": n, "steps": steps, "seed": seed}
     meta["seconds"] = seconds
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
@@ -110,3 +99,44 @@ def load_or_make_trajectories(
     size_mb = cache.stat().st_size / 2**20
     print(f"teacher {what}: {n} drawn with {sampler!r} in {seconds:.1f} s, stored at {cache} ({size_mb:.1f} MB)")
     return trajectories, cache
+
+
+class TeacherTrajectories:
+    """What reflow and distillation share: they train on ``n_pairs`` of the teacher's ODE trajectories, drawn once
+    with ``sampler`` (built with the teacher's path when it needs one) on the stage's grid and stored under
+    ``cache_dir``; the run's datamodule then draws its training batches from them (:class:`PairsDataModule`)."""
+
+    def __init__(self, n_pairs: int, sampler, batch_size: int, cache_dir: str) -> None:
+        check_setting("n_pairs", n_pairs, lambda v: v >= 1, "at least 1", whole=True)
+        check_setting("batch_size", batch_size, lambda v: v >= 1, "at least 1", whole=True)
+        self.n_pairs, self.sampler, self.batch_size, self.cache_dir = int(n_pairs), sampler, int(batch_size), cache_dir
+
+    def trajectory_steps(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def teacher_sampler(self, teacher) -> Sampler:
+        """The sampler that draws the trajectories (the stage's, built with the teacher's path if it needs one)."""
+        return self.sampler(path=teacher.model.path) if isinstance(self.sampler, functools.partial) else self.sampler
+
+    def datamodule(self, datamodule):
+        teacher, steps = self.teacher, self.trajectory_steps()
+        try:  # a sampler whose grid misses the student's times: one sentence now, not when training starts
+            sampler = self.teacher_sampler(teacher).recording(steps)
+        except ValueError as err:
+            raise ConfigError(f"stage={self.name}: {err}") from None
+
+        def make() -> dict[str, Tensor]:
+            trajectories, _ = load_or_make_trajectories(
+                teacher.path,
+                teacher.model,
+                sampler,
+                self.n_pairs,
+                self.cache_dir,
+                steps,
+                self.batch_size,
+                datamodule.seed,
+            )
+            return trajectories
+
+        steps_per_epoch = getattr(datamodule, "steps_per_epoch", None)
+        return PairsDataModule(datamodule, make, datamodule.batch_size, steps_per_epoch, datamodule.seed)
