@@ -19,9 +19,10 @@ from torchvision.utils import make_grid, save_image
 
 from flowdiff import rules
 from flowdiff.build import build, build_sampler, load_checkpoint, plain_dict
-from flowdiff.callbacks.images import MIN_N, balanced_labels, build_extractor, describe_sampler, sample_images
+from flowdiff.callbacks.images import MIN_N, build_extractor, describe_sampler, sample_images
 from flowdiff.data.images import to_uint8, to_unit
 from flowdiff.errors import ConfigError, SettingError, check_setting
+from flowdiff.labels import sampling_labels
 from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
 from flowdiff.metrics import w2
 from flowdiff.metrics.images import (
@@ -107,16 +108,6 @@ def sample(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _labels(module, dm, cfg, n: int, reference: torch.Tensor | None) -> torch.Tensor | None:
-    if module.guidance is None:
-        return None
-    if cfg.label is not None:
-        return torch.full((n,), int(cfg.label))
-    if reference is not None:
-        return reference[:n].repeat(n // len(reference) + 1)[:n]
-    return balanced_labels(n, dm.num_classes)
-
-
 def _timed_sample(module, n, sampler, y, scale, seed: int, device: str, batch_size: int, what: str | None = None):
     """``n`` samples, their NFE and seconds; ``what`` names a progress bar over them (none for quick 2D draws)."""
     start = time.perf_counter()
@@ -143,7 +134,7 @@ def _straightness(cfg, module, y: torch.Tensor | None, scale, k: int) -> dict:
 
 def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Path, device: str) -> dict:
     ref = dm.test_set
-    y = _labels(module, dm, cfg, n, ref["y"])
+    y = sampling_labels(n, module.num_classes, cfg.label, ref["y"])
     x, nfe, seconds = _timed_sample(module, n, sampler, y, scale, int(cfg.seed), device, batch_size=n)
     torch.save({"x": x, "y": y, "nfe": nfe, "sampler": plain_dict(sampler_cfg)}, run_dir / "samples.pt")
     m = min(n, len(ref["x1"]))
@@ -185,7 +176,7 @@ def _fid_n(cfg, dm, n: int) -> int | None:
 def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Path, device: str) -> dict:
     mcfg = cfg.get("metrics", {}) or {}
     fid_n = _fid_n(cfg, dm, n)
-    y = _labels(module, dm, cfg, n, None)
+    y = sampling_labels(n, module.num_classes, cfg.label)
     batch = int(mcfg.get("batch_size", 500))
     w = scale if scale is not None else getattr(module.guidance, "scale", None)
     what = f"sampling {n} images ({describe_sampler(sampler, w)})"

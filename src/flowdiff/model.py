@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from flowdiff.couplings import Coupling
 from flowdiff.guidance import ClassifierFreeGuidance
+from flowdiff.labels import as_labels
 from flowdiff.likelihood import gaussian_log_prob
 from flowdiff.objectives import Objective
 from flowdiff.samplers import EulerSampler, Sampler, SampleResult
@@ -161,7 +162,7 @@ class FlowModel(nn.Module):
 
         def predict(x: Tensor, t: Tensor) -> Tensor:
             if cache.get("x") is not x or cache.get("t") is not t:
-                yy = None if y is None else y.expand(x.shape[0]) if y.dim() == 0 else y
+                yy = as_labels(x.shape[0], y)
                 cache.update(x=x, t=t, pred=self.prediction(x, t, yy, guidance_scale))
                 if on_evaluation is not None:
                     on_evaluation()
@@ -211,11 +212,14 @@ class FlowModel(nn.Module):
             return gaussian_log_prob(x, torch.zeros_like(x[:1]), torch.ones_like(x[:1]))
         return gaussian_log_prob(x, *self.path.source_moments(t_start, x, *self.data_moments()))
 
-    def conditioning(self, n: int, y: Tensor | int | None) -> Tensor | None:
-        """Labels for ``n`` samples on the model's device: ``y`` as given, or one int for all."""
-        if isinstance(y, int):
-            y = torch.full((n,), y, dtype=torch.long)
-        return None if y is None else y.to(self.device)
+    @property
+    def num_classes(self) -> int:
+        """The classes the model is conditioned on (the null label's index under CFG); 0 when unconditional."""
+        return self.guidance.null_label if self.guidance is not None else 0
+
+    def labels(self, y: Tensor | None) -> Tensor | None:
+        """The labels the network is conditioned on: ``y`` for a CFG model, ``None`` for an unconditional one."""
+        return y if self.guidance is not None else None
 
     @contextlib.contextmanager
     def evaluating(self):
@@ -255,7 +259,7 @@ class FlowModel(nn.Module):
                 "an ODE sampler"
             )
         x0 = self.draw_source(n, generator) if x0 is None else x0.to(self.device)
-        fields = self.vector_fields(self.conditioning(n, y), guidance_scale, on_evaluation)
+        fields = self.vector_fields(as_labels(n, y, self.device), guidance_scale, on_evaluation)
         with self.evaluating():
             noise_gen = None
             if generator is not None and self.device.type != "cpu":
@@ -286,7 +290,7 @@ class FlowModel(nn.Module):
         from ``n`` starting points drawn as :meth:`sample` draws them (:mod:`flowdiff.straightness`);
         ``on_evaluation()`` after each of its ``steps`` network evaluations (a progress bar)."""
         x0 = self.draw_source(n, generator)
-        fields = self.vector_fields(self.conditioning(n, y), guidance_scale, on_evaluation)
+        fields = self.vector_fields(as_labels(n, y, self.device), guidance_scale, on_evaluation)
         t_span = self.objective.sample_time_range(self.path, dtype=x0.dtype)
         with self.evaluating():
             return straightness(fields.velocity, self.start_at(x0, t_span[0]), t_span, steps)[0]

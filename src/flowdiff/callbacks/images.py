@@ -20,6 +20,7 @@ from torchvision.utils import make_grid, save_image
 from flowdiff.callbacks.sampling import final_validation
 from flowdiff.data.images import to_unit
 from flowdiff.errors import ConfigError
+from flowdiff.labels import grid_rows, sampling_labels
 from flowdiff.metrics.classifier import load_or_train_classifier
 from flowdiff.metrics.images import (
     ClassifierFeatures,
@@ -33,13 +34,6 @@ from flowdiff.metrics.images import (
 from flowdiff.progress import Advance, progress
 from flowdiff.seeds import stream_seed
 from flowdiff.utils import rank_share
-
-
-def class_rows(num_classes: int, per_class: int) -> Tensor | None:
-    """Labels for a grid with one row per class (``None`` for an unconditional model)."""
-    if num_classes == 0:
-        return None
-    return torch.arange(num_classes).repeat_interleave(per_class)
 
 
 def sample_images(
@@ -99,13 +93,6 @@ class _BatchProgress:
     def done(self) -> None:
         if self.advance is not None:
             self.advance(self.k - self.told)
-
-
-def balanced_labels(n: int, num_classes: int) -> Tensor | None:
-    """``0, 1, ..., C-1, 0, 1, ...`` (``n`` of them), or ``None`` without classes."""
-    if num_classes == 0:
-        return None
-    return torch.arange(n) % num_classes
 
 
 def resolve_features(features: str, datamodule, inception_weights: str | None = None) -> str | None:
@@ -200,8 +187,8 @@ class ImageGrid(_EveryN):
             self.draw(trainer, pl_module)
 
     def draw(self, trainer, pl_module) -> list[Path]:
-        num_classes = trainer.datamodule.num_classes if pl_module.guidance is not None else 0
-        y = class_rows(num_classes, self.per_class)
+        num_classes = pl_module.num_classes
+        y = grid_rows(num_classes, self.per_class)
         n = len(y) if y is not None else self.n
         nrow = self.per_class if y is not None else int(n**0.5)
         scales = self.guidance_scales if pl_module.guidance is not None and self.guidance_scales else [None]
@@ -350,7 +337,7 @@ class ImageMetrics(_EveryN):
         sampler = sampler or pl_module.sampler
         self.metric.reset_fake()
         mine = rank_share(self.n, rank, world)
-        y_all = balanced_labels(self.n, num_classes)
+        y_all = sampling_labels(self.n, num_classes)
         y = None if y_all is None else y_all[mine]
         scale = self.guidance_scale if self.guidance_scale is not None else getattr(pl_module.guidance, "scale", None)
         count = mine.stop - mine.start
@@ -375,7 +362,7 @@ class ImageMetrics(_EveryN):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self._due(trainer) or not self.active:
             return
-        num_classes = trainer.datamodule.num_classes if pl_module.guidance is not None else 0
+        num_classes = pl_module.num_classes
         out = self.evaluate(pl_module, num_classes, trainer)
         pl_module.sample_nfe = out.pop("nfe")
         # the values are already reduced over the ranks (torchmetrics' sync, the gathered counts): every rank logs
@@ -393,4 +380,4 @@ class ImageMetrics(_EveryN):
                         pl_module.log(f"val/{key}_nfe{k}", out[key], sync_dist=sync)
 
 
-__all__ = ["ImageGrid", "ImageMetrics", "balanced_labels", "build_extractor", "sample_images"]
+__all__ = ["ImageGrid", "ImageMetrics", "build_extractor", "sample_images"]

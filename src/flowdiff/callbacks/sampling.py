@@ -37,7 +37,7 @@ def validation_samples(trainer: L.Trainer, pl_module, n: int, seed: int = 1234) 
     world, rank = trainer.world_size, trainer.global_rank
     x0 = pl_module.draw_source(n, torch.Generator().manual_seed(seed))
     mine = rank_share(n, rank, world)
-    y = ref["y"][mine] if pl_module.guidance is not None else None
+    y = pl_module.labels(ref["y"][mine])
     noise = torch.Generator().manual_seed(seed + 1 + rank)  # SDE noise: per rank
     result = pl_module.sample(x0[mine].shape[0], y=y, x0=x0[mine], generator=noise)
     x, pl_module.sample_nfe = result.x, result.nfe
@@ -110,7 +110,7 @@ def quality_vs_nfe(module, reference: dict[str, torch.Tensor], nfe: tuple[int, .
     """``{"val/w2_nfe<k>": W2 at k steps of the module's sampler, ..., "val/straightness": S}`` against the points
     ``reference["x1"]`` (the same starting noise at every k; labels from the reference for a CFG model)."""
     ref = reference["x1"]
-    y = reference["y"] if module.guidance is not None else None
+    y = module.labels(reference["y"])
     x0 = module.draw_source(len(ref), torch.Generator().manual_seed(seed))
     out = {}
     for k in nfe:
@@ -148,7 +148,7 @@ class SamplePlot(L.Callback):
         if not trainer.is_global_zero:  # one plot, written by rank 0
             return
         k = min(self.n_trajectories, len(ref["x1"]))
-        y = ref["y"][:k] if pl_module.guidance is not None else None
+        y = pl_module.labels(ref["y"][:k])
         traj = pl_module.sample(k, y=y, return_trajectory=True, generator=torch.Generator().manual_seed(99))
         lo, hi = pl_module.objective.sample_time_range(pl_module.path)
         v_fn = pl_module.vector_fields().velocity  # unconditional (null-label) field under CFG

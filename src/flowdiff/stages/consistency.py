@@ -270,10 +270,7 @@ class ConsistencyModule(FlowModule):
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         z, y = batch["x1"], batch.get("y")
         eps = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-        if self.guidance is not None and y is not None:
-            y = self.guidance.drop_labels(y, generator) if self.training else y
-        else:
-            y = None
+        y = self.training_labels(y, generator)
         n_intervals, _ = self.schedule()
         times, weights = self.grid(n_intervals)
         i = self.draw_intervals(times, z.shape[0], generator)

@@ -42,7 +42,7 @@ class DistillationModule(FlowModule):
         t, h = times[rows, i], times[rows, i + 1] - times[rows, i]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = batch.get("y") if self.guidance is not None else None
+        y = self.labels(batch.get("y"))
         velocity = self.objective.to_velocity(self.path, self._forward(x, t, y), x, t)
         step = x + broadcast_time(h, x) * velocity
         return distance(step, target, self.distance).mean()

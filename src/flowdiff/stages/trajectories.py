@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flowdiff.callbacks.images import balanced_labels
 from flowdiff.data.pairs import PairsDataModule
 from flowdiff.errors import ConfigError, check_setting
+from flowdiff.labels import sampling_labels
 from flowdiff.samplers import Sampler
 
 log = logging.getLogger("flowdiff")
@@ -38,7 +38,7 @@ def make_trajectories(
     balanced labels, at its trained guidance scale."""
     sampler = sampler.recording(steps)
     g = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, teacher.guidance.null_label if teacher.guidance is not None else 0)
+    labels = sampling_labels(n, teacher.num_classes)
     xs, ys, times = [], [], None
     for i in range(0, n, batch_size):
         k = min(batch_size, n - i)
