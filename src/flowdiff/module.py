@@ -13,7 +13,7 @@ from torch import Tensor
 from flowdiff.couplings import Coupling, IndependentCoupling
 from flowdiff.model import FlowModel
 from flowdiff.nonfinite import NonFiniteLossGuard
-from flowdiff.seeds import RandomStreams
+from flowdiff.seeds import RandomStreams, seeded
 
 
 class FlowModule(L.LightningModule):
@@ -88,7 +88,7 @@ class FlowModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        g = torch.Generator(device=batch["x1"].device).manual_seed(batch_idx)  # same noise every epoch
+        g = seeded("validation loss", batch_idx, batch["x1"].device)  # the same noise every round
         loss = self.loss(batch, generator=g)
         multi = self._trainer is not None and self._trainer.world_size > 1
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["x1"].shape[0], sync_dist=multi)

@@ -3,8 +3,9 @@
 * :func:`stream_seed` names a stream by its keys (``("images", seed, index)``): counter-based, so any member can be
   drawn again without the ones before it, and distinct names give unrelated seeds.
 * :data:`OFFSETS` names the fixed seeds of the evaluation draws (the 2D validation and test sets, the samples of
-  a validation round, the NFE profile, the plotted trajectories, the grids, the FID samples); the values are
-  those flowdiff always used, so every documented number stays what it was.
+  a validation round, the NFE profile, the plotted trajectories, the grids, the FID samples) and :func:`seeded`
+  gives a generator for one of them; the values are those flowdiff always used, so every documented number stays
+  what it was.
 * :func:`rank_seed` is the one rule for a DDP rank's own stream.
 * :class:`RandomStreams` keeps the training stream (noise, times, couplings, label drops) in checkpoints, so a
   resumed run draws what an uninterrupted one would have drawn.
@@ -17,16 +18,21 @@ from typing import Any
 
 import torch
 
-#: the fixed seeds of the evaluation draws, by name (added to the run's seed where a draw follows it)
+#: the fixed seeds of the evaluation draws, by name (added to the run's or the data's seed where a draw follows it)
 OFFSETS = {
-    "val set": 1_000_003,
+    "val set": 1_000_003,  # the 2D toys' validation and test sets and moments, from the data's seed
     "test set": 2_000_003,
     "data moments": 3_000_003,
-    "validation samples": 1234,
+    "validation loss": 0,  # + the batch index: the same noise and times every validation round
+    "validation samples": 1234,  # the starting points of a validation round's samples
+    "validation noise": 1235,  # their SDE noise (one stream per rank)
     "nfe profile": 4321,
     "plotted trajectories": 99,
     "grid": 7,
     "fid samples": 1234,
+    "loader workers": 1,  # image datasets, from the data's seed: the DataLoader's worker seeds
+    "real train images": 0,  # the fixed random orders real_images() reads the splits in
+    "real val images": 1,
 }
 
 RANK_STRIDE = 7919  # a prime: rank r's stream starts 7919 r seeds away from rank 0's
@@ -36,6 +42,11 @@ def stream_seed(*keys: object) -> int:
     """A 63-bit seed for the named stream ``keys`` (e.g. ``("images", seed, index)``)."""
     digest = hashlib.blake2b("/".join(["flowdiff", *map(str, keys)]).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def seeded(name: str, seed: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator (on ``device``, CPU by default) for the named draw ``name`` of :data:`OFFSETS`, after ``seed``."""
+    return torch.Generator(device=device or "cpu").manual_seed(OFFSETS[name] + int(seed))
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -32,7 +32,7 @@ from flowdiff.metrics.images import (
     reference,
 )
 from flowdiff.progress import Advance, progress
-from flowdiff.seeds import stream_seed
+from flowdiff.seeds import OFFSETS, stream_seed
 from flowdiff.utils import rank_share
 
 
@@ -172,7 +172,7 @@ class ImageGrid(_EveryN):
         per_class: int = 10,
         n: int = 64,
         guidance_scales: Sequence[float] | None = (1.0, 3.0, 5.0),
-        seed: int = 7,
+        seed: int = OFFSETS["grid"],
         every_n_epochs: int = 1,
         dirname: str = "grids",
     ) -> None:
@@ -243,7 +243,7 @@ class ImageMetrics(_EveryN):
         guidance_scale: float | None = None,
         kid_subsets: int = 100,
         batch_size: int = 500,
-        seed: int = 1234,
+        seed: int = OFFSETS["fid samples"],
         every_n_epochs: int = 1,
         nfe: tuple[int, ...] = (),
         extractor: FeatureExtractor | None = None,

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from flowdiff.metrics import mmd, w2
 from flowdiff.plotting import plot_samples_2d, plt
+from flowdiff.seeds import OFFSETS, rank_seed, seeded
 from flowdiff.utils import rank_share
 
 
@@ -23,10 +24,10 @@ def _reference(trainer: L.Trainer, n: int) -> dict[str, torch.Tensor]:
     return {k: v[:n] for k, v in val.items()}
 
 
-def validation_samples(trainer: L.Trainer, pl_module, n: int, seed: int = 1234) -> torch.Tensor:
+def validation_samples(trainer: L.Trainer, pl_module, n: int) -> torch.Tensor:
     """``n`` samples for this validation round, drawn once and shared by the callbacks (same seed each time).
 
-    Under DDP each rank samples its contiguous share of the ``n`` starting points (all drawn from ``seed``, so the
+    Under DDP each rank samples its contiguous share of the ``n`` starting points (all drawn from one seed, so the
     same points whatever the number of ranks) and the shares are gathered: every rank returns all ``n`` samples.
     Call it on every rank (it is a collective)."""
     cached = getattr(pl_module, "_validation_samples", None)
@@ -35,10 +36,10 @@ def validation_samples(trainer: L.Trainer, pl_module, n: int, seed: int = 1234) 
     ref = _reference(trainer, n)
     n = len(ref["x1"])
     world, rank = trainer.world_size, trainer.global_rank
-    x0 = pl_module.draw_source(n, torch.Generator().manual_seed(seed))
+    x0 = pl_module.draw_source(n, seeded("validation samples"))
     mine = rank_share(n, rank, world)
     y = pl_module.labels(ref["y"][mine])
-    noise = torch.Generator().manual_seed(seed + 1 + rank)  # SDE noise: per rank
+    noise = torch.Generator().manual_seed(rank_seed(OFFSETS["validation noise"], rank))  # SDE noise: per rank
     result = pl_module.sample(x0[mine].shape[0], y=y, x0=x0[mine], generator=noise)
     x, pl_module.sample_nfe = result.x, result.nfe
     if world > 1:  # shares differ in size by one: pad to the largest, gather, drop each rank's padding
@@ -106,12 +107,12 @@ class DistributionMetrics(L.Callback):
                 log_once(trainer, pl_module, key, lambda key=key: profile.get(key, math.nan))
 
 
-def quality_vs_nfe(module, reference: dict[str, torch.Tensor], nfe: tuple[int, ...], seed: int = 4321) -> dict:
+def quality_vs_nfe(module, reference: dict[str, torch.Tensor], nfe: tuple[int, ...]) -> dict:
     """``{"val/w2_nfe<k>": W2 at k steps of the module's sampler, ..., "val/straightness": S}`` against the points
     ``reference["x1"]`` (the same starting noise at every k; labels from the reference for a CFG model)."""
     ref = reference["x1"]
     y = module.labels(reference["y"])
-    x0 = module.draw_source(len(ref), torch.Generator().manual_seed(seed))
+    x0 = module.draw_source(len(ref), seeded("nfe profile"))
     out = {}
     for k in nfe:
         x = module.sample(len(ref), sampler=module.sampler.with_steps(k), y=y, x0=x0, generator=torch.Generator()).x
@@ -149,7 +150,7 @@ class SamplePlot(L.Callback):
             return
         k = min(self.n_trajectories, len(ref["x1"]))
         y = pl_module.labels(ref["y"][:k])
-        traj = pl_module.sample(k, y=y, return_trajectory=True, generator=torch.Generator().manual_seed(99))
+        traj = pl_module.sample(k, y=y, return_trajectory=True, generator=seeded("plotted trajectories"))
         lo, hi = pl_module.objective.sample_time_range(pl_module.path)
         v_fn = pl_module.vector_fields().velocity  # unconditional (null-label) field under CFG
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from flowdiff.data.toys import Toy, build_toy
-from flowdiff.seeds import stream_seed
+from flowdiff.seeds import seeded, stream_seed
 
 
 def batch_seed(seed: int, rank: int, index: int) -> int:
@@ -122,8 +122,8 @@ class ToyDataModule(FreshBatchStream):
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.n_val, self.n_test = n_val, n_test
-        self.val_set = self.draw(n_val, torch.Generator().manual_seed(seed + 1_000_003))
-        self.test_set = self.draw(n_test, torch.Generator().manual_seed(seed + 2_000_003))
+        self.val_set = self.draw(n_val, seeded("val set", seed))
+        self.test_set = self.draw(n_test, seeded("test set", seed))
 
     @property
     def dim(self) -> int:
@@ -150,7 +150,7 @@ class ToyDataModule(FreshBatchStream):
 
     def data_moments(self, n: int = 10_000) -> tuple[Tensor, Tensor]:
         """Per-coordinate mean and variance of the data, from ``n`` fixed draws."""
-        x = self.target.sample(n, torch.Generator().manual_seed(self.seed + 3_000_003))[0]
+        x = self.target.sample(n, seeded("data moments", self.seed))[0]
         return x.mean(0), x.var(0)
 
     def sample_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:

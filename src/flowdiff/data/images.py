@@ -35,6 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
 from flowdiff.data.files import check_cifar10, check_mnist
 from flowdiff.errors import DataError
+from flowdiff.seeds import OFFSETS, seeded
 
 
 def to_unit(x: Tensor) -> Tensor:
@@ -375,7 +376,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=_Collate(self.labels),
-            generator=torch.Generator().manual_seed(self.seed + 1),  # workers' seeds, not from the training stream
+            generator=seeded("loader workers", self.seed),  # workers' seeds, not from the training stream
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -394,7 +395,7 @@ class ImageDataModule(L.LightningDataModule):
         if split not in ("train", "val"):
             raise ValueError(f"split must be train or val, got {split!r}")
         base = self._read(train=False) if split == "val" else self._unaugmented_train()
-        order = np.random.default_rng(self.seed + (0 if split == "train" else 1)).permutation(len(base))
+        order = np.random.default_rng(OFFSETS[f"real {split} images"] + self.seed).permutation(len(base))
         idx = order[offset : offset + n].tolist()
         loader = DataLoader(
             Subset(base, idx), batch_size=500, num_workers=0, collate_fn=_Collate(True), generator=torch.Generator()
