@@ -99,8 +99,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(c.result())
     metrics["train_seconds"] = seconds
     metrics["global_step"] = trainer.global_step
-    if getattr(module, "sample_nfe", None) is not None:
-        metrics["nfe"] = module.sample_nfe  # network evaluations per sample in the last validation round
+    if "val/nfe" in metrics:  # network evaluations per sample in the last validation round
+        metrics["nfe"] = int(metrics.pop("val/nfe"))
     run_dir = Path(cfg.run_dir)
     if trainer.is_global_zero:  # one writer under DDP
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from flowdiff.callbacks.periodic import EveryNEpochs
 from flowdiff.callbacks.sampling import final_validation
 from flowdiff.data.images import to_unit
 from flowdiff.errors import ConfigError
@@ -144,28 +144,14 @@ def describe_sampler(sampler, scale: float | None) -> str:
 MIN_N = 4
 
 
-class _EveryN(L.Callback):
-    """An image callback that runs at every ``every_n_epochs``-th validation round (and on ``trainer.validate``)."""
-
-    data_kinds: tuple[str, ...] = ("image",)
-
-    def __init__(self, every_n_epochs: int) -> None:
-        self.every_n_epochs = every_n_epochs
-
-    def _due(self, trainer) -> bool:
-        return (
-            not trainer.sanity_checking
-            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-            or (trainer.state.fn == "validate")
-        )
-
-
-class ImageGrid(_EveryN):
+class ImageGrid(EveryNEpochs):
     """One grid per guidance scale: a row per class for a conditional model, ``n`` images otherwise.
 
     Saved as ``<run_dir>/grids/step<step>_w<scale>.png`` (and ``last_w<scale>.png``) and sent to
     TensorBoard and W&B.
     """
+
+    data_kinds = ("image",)
 
     def __init__(
         self,
@@ -183,7 +169,7 @@ class ImageGrid(_EveryN):
         self.last_paths: list[Path] = []
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self._due(trainer) and trainer.is_global_zero:
+        if self.due(trainer) and trainer.is_global_zero:
             self.draw(trainer, pl_module)
 
     def draw(self, trainer, pl_module) -> list[Path]:
@@ -214,7 +200,7 @@ class ImageGrid(_EveryN):
         return self.last_paths
 
 
-class ImageMetrics(_EveryN):
+class ImageMetrics(EveryNEpochs):
     """Log ``val/fid``, ``val/kid`` and ``val/kid_std`` (and ``val/class_acc`` with a classifier) of ``n`` samples
     against ``n`` training images, next to ``val/fid_floor``, ``val/kid_floor`` and ``val/kid_floor_std`` (the same
     ``n`` real training images against ``n`` held-out ones).
@@ -233,6 +219,8 @@ class ImageMetrics(_EveryN):
             sampler at ``k`` steps for each ``k`` (Euler's for an adaptive solver): quality against NFE.
         extractor: a ready feature extractor (tests); overrides ``features``.
     """
+
+    data_kinds = ("image",)
 
     def __init__(
         self,
@@ -360,11 +348,11 @@ class ImageMetrics(_EveryN):
         return out
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self._due(trainer) or not self.active:
+        if not self.due(trainer) or not self.active:
             return
         num_classes = pl_module.num_classes
         out = self.evaluate(pl_module, num_classes, trainer)
-        pl_module.sample_nfe = out.pop("nfe")
+        out["nfe"] = float(out["nfe"])  # what one sample cost (the same on every rank)
         # the values are already reduced over the ranks (torchmetrics' sync, the gathered counts): every rank logs
         # the same number, so checkpoint callbacks monitoring val/fid find it on every rank
         sync = trainer.world_size > 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from flowdiff.callbacks.periodic import EveryNEpochs
 from flowdiff.metrics import mmd, w2
 from flowdiff.plotting import plot_samples_2d, plt
 from flowdiff.seeds import OFFSETS, rank_seed, seeded
@@ -24,13 +26,17 @@ def _reference(trainer: L.Trainer, n: int) -> dict[str, torch.Tensor]:
     return {k: v[:n] for k, v in val.items()}
 
 
+#: module -> (step, samples) of the latest validation round, shared by the callbacks that use them
+_ROUND_SAMPLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def validation_samples(trainer: L.Trainer, pl_module, n: int) -> torch.Tensor:
     """``n`` samples for this validation round, drawn once and shared by the callbacks (same seed each time).
 
     Under DDP each rank samples its contiguous share of the ``n`` starting points (all drawn from one seed, so the
     same points whatever the number of ranks) and the shares are gathered: every rank returns all ``n`` samples.
     Call it on every rank (it is a collective)."""
-    cached = getattr(pl_module, "_validation_samples", None)
+    cached = _ROUND_SAMPLES.get(pl_module)
     if cached is not None and cached[0] == trainer.global_step and cached[1].shape[0] >= n:
         return cached[1][:n]
     ref = _reference(trainer, n)
@@ -41,7 +47,9 @@ def validation_samples(trainer: L.Trainer, pl_module, n: int) -> torch.Tensor:
     y = pl_module.labels(ref["y"][mine])
     noise = torch.Generator().manual_seed(rank_seed(OFFSETS["validation noise"], rank))  # SDE noise: per rank
     result = pl_module.sample(x0[mine].shape[0], y=y, x0=x0[mine], generator=noise)
-    x, pl_module.sample_nfe = result.x, result.nfe
+    x = result.x
+    if result.nfe is not None:  # once per round (the samples are cached below): what one sample cost
+        pl_module.log("val/nfe", float(result.nfe))
     if world > 1:  # shares differ in size by one: pad to the largest, gather, drop each rank's padding
         per = -(-n // world)
         padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
@@ -50,7 +58,7 @@ def validation_samples(trainer: L.Trainer, pl_module, n: int) -> torch.Tensor:
         shares = [rank_share(n, r, world) for r in range(world)]
         x = torch.cat([gathered[r][: s.stop - s.start] for r, s in enumerate(shares)])
     x = x.cpu()
-    pl_module._validation_samples = (trainer.global_step, x)
+    _ROUND_SAMPLES[pl_module] = (trainer.global_step, x)
     return x
 
 
@@ -69,7 +77,7 @@ def log_once(trainer: L.Trainer, pl_module, name: str, compute, **kwargs) -> flo
     return value
 
 
-class DistributionMetrics(L.Callback):
+class DistributionMetrics(EveryNEpochs):
     """Log ``val/w2`` (exact EMD, POT) and ``val/mmd`` of ``n`` samples against ``n`` validation points.
 
     ``val/w2_floor`` is W2 between the validation and test sets (same size, independent): no model
@@ -81,8 +89,8 @@ class DistributionMetrics(L.Callback):
     data_kinds = ("vector",)
 
     def __init__(self, n: int = 2000, every_n_epochs: int = 1, nfe: tuple[int, ...] = ()) -> None:
+        super().__init__(every_n_epochs)
         self.n = n
-        self.every_n_epochs = every_n_epochs
         self.nfe = tuple(int(k) for k in nfe or ())
         self.floor: float | None = None
 
@@ -92,7 +100,7 @@ class DistributionMetrics(L.Callback):
         self.floor = w2(dm.val_set["x1"][:n], dm.test_set["x1"][:n]) if trainer.is_global_zero else math.nan
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if not self.due(trainer):
             return
         ref = _reference(trainer, self.n)["x1"]
         x = validation_samples(trainer, pl_module, len(ref))
@@ -122,7 +130,7 @@ def quality_vs_nfe(module, reference: dict[str, torch.Tensor], nfe: tuple[int, .
     return out
 
 
-class SamplePlot(L.Callback):
+class SamplePlot(EveryNEpochs):
     """Save (and send to every logger) samples over data, trajectories and the learned field at several t."""
 
     data_kinds = ("vector",)
@@ -137,12 +145,12 @@ class SamplePlot(L.Callback):
     ) -> None:
         self.n, self.n_trajectories = n, n_trajectories
         self.quiver_times = tuple(quiver_times)
-        self.every_n_epochs = every_n_epochs
+        super().__init__(every_n_epochs)
         self.dirname = dirname
         self.last_path: Path | None = None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if not self.due(trainer):
             return
         ref = _reference(trainer, self.n)
         x = validation_samples(trainer, pl_module, len(ref["x1"]))  # every rank: a collective under DDP
