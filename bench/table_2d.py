@@ -48,7 +48,7 @@ def eval_sets(data: str, n: int, seed: int):
     g = torch.Generator().manual_seed(10_000 + seed)
     test = dm.target.sample(n, g)[0]
     test2 = dm.target.sample(n, g)[0]
-    source = dm.sample_source(n, g)
+    source = torch.randn(n, dm.dim, generator=g) if dm.gaussian_source else dm.source.points(n, g)
     return source, test, test2
 
 

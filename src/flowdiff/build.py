@@ -112,13 +112,7 @@ def build_model(cfg: DictConfig, datamodule) -> FlowModel:
     guided = "_target_" in cfg.guidance
     net = build_net(cfg, datamodule.data_shape, datamodule.num_classes if guided else 0)
     guidance = build(cfg.guidance, "guidance", null_label=net.null_label) if guided else None
-    source = None
-    if not datamodule.gaussian_source:
-        toy = datamodule.source  # a distribution object, not the datamodule
-
-        def source(n, generator=None):
-            return toy.sample(n, generator)[0]
-
+    source = None if datamodule.gaussian_source else datamodule.source.points  # a distribution's, not the datamodule's
     sampler = build_sampler(cfg.sampler, path)
     rules.check_model(datamodule, path, objective, sampler, guidance)
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="") or "")

@@ -117,7 +117,7 @@ class FlowModel(nn.Module):
         z, y = batch["x1"], batch.get("y")
         x0 = batch.get("x0")
         if x0 is None:
-            x0 = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+            x0 = self.noise_like(z, generator)
         if coupling is not None:
             x0, z, y = coupling(x0, z, y, generator=cpu_generator(generator))  # its plan is a NumPy array
         lo, hi = self.train_t_range
@@ -185,6 +185,11 @@ class FlowModel(nn.Module):
         if self._data_moments is None and self._data_moments_fn is not None:
             self._data_moments = self._data_moments_fn()
         return self._data_moments if self._data_moments is not None else (None, None)
+
+    @staticmethod
+    def noise_like(z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """N(0, I) shaped, typed and placed like ``z``: the training noise (``generator`` on ``z``'s device)."""
+        return torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
 
     def draw_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws of the source (N(0, I) unless the model has another), on the model's device."""

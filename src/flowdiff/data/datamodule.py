@@ -145,19 +145,13 @@ class ToyDataModule(FreshBatchStream):
         x1, y = self.target.sample(n, generator)
         batch = {"x1": x1, "y": y}
         if self.source is not None:
-            batch["x0"] = self.source.sample(n, generator)[0]
+            batch["x0"] = self.source.points(n, generator)
         return batch
 
     def data_moments(self, n: int = 10_000) -> tuple[Tensor, Tensor]:
         """Per-coordinate mean and variance of the data, from ``n`` fixed draws."""
         x = self.target.sample(n, seeded("data moments", self.seed))[0]
         return x.mean(0), x.var(0)
-
-    def sample_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` source points (standard normal unless a source dataset is set)."""
-        if self.source is None:
-            return torch.randn(n, self.dim, generator=generator)
-        return self.source.sample(n, generator)[0]
 
     def _fixed(self, data: dict[str, Tensor]) -> DataLoader:
         n = len(data["x1"])

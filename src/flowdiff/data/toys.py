@@ -33,6 +33,10 @@ class Toy:
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def points(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(n, 2)`` draws without their labels: the source of a flow from this distribution."""
+        return self.sample(n, generator)[0]
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"

@@ -269,7 +269,7 @@ class ConsistencyModule(FlowModule):
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         z, y = batch["x1"], batch.get("y")
-        eps = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+        eps = self.noise_like(z, generator)
         y = self.training_labels(y, generator)
         n_intervals, _ = self.schedule()
         times, weights = self.grid(n_intervals)
