@@ -93,11 +93,16 @@ def check_coupling(datamodule, sampler, coupling, stage_pairs: bool = False) -> 
     """A coupling that pairs noise with data cannot serve a sampler that draws noise; label-wise pairing needs
     labels. ``stage_pairs``: the stage chose the coupling (reflow's), so the fix is the sampler."""
     if sampler.stochastic and not coupling.independent:
-        fix = "an ODE sampler such as sampler=euler" if stage_pairs else "coupling=independent, or an ODE sampler"
+        name = chosen("sampler", type(sampler).__name__)
+        if stage_pairs:
+            raise ConfigError(
+                f"{name} needs the score, which {chosen('stage', 'the stage')} does not define (its noise is paired "
+                "with the data): use an ODE sampler such as sampler=euler"
+            )
         raise ConfigError(
-            f"{chosen('sampler', type(sampler).__name__)} draws fresh noise while sampling, which, like the score's "
-            f"formula -E[eps | x_t] / beta_t, assumes noise drawn independently of the data, but {coupling!r} pairs "
-            f"them: use {fix} (ddim with eta=0 is one)"
+            f"{name} needs the score, whose formula -E[eps | x_t] / beta_t assumes noise drawn independently of the "
+            f"data, which {chosen('coupling', type(coupling).__name__)} is not: use coupling=independent, or an ODE "
+            "sampler (ddim with eta=0 is one)"
         )
     if getattr(coupling, "by_label", False) and datamodule.num_classes == 0:
         raise ConfigError(f"coupling.by_label=true needs labelled data, but data={datamodule.name} has none")

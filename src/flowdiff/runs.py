@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
@@ -166,9 +166,9 @@ def claim_device(lock_dir: Path, count: int, first: int = 0, poll_s: float = 0.2
 
 @contextlib.contextmanager
 def pinned_device(cfg: DictConfig):
-    """Under ``hydra/launcher=gpus``: hold one GPU for this job (``trainer.devices=[k]``) and yield ``k``; else
-    ``None``."""
-    if not (multirun() and HydraConfig.get().runtime.choices.get("hydra/launcher") == "gpus"):
+    """Under a launcher whose jobs take a device each (``hydra/launcher=gpus``): hold one GPU for this job
+    (``trainer.devices=[k]``) and yield ``k``; else ``None``."""
+    if not (multirun() and getattr(get_class(HydraConfig.get().launcher._target_), "device_per_job", False)):
         yield None
         return
     hc = HydraConfig.get()
