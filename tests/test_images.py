@@ -8,8 +8,8 @@ import torch
 
 from flowdiff.build import build_datamodule, build_run
 from flowdiff.data.formats import write_cifar10, write_image_folder
-from flowdiff.data.images import DataError, ImageDataModule, to_model, to_uint8, to_unit
-from flowdiff.errors import ConfigError
+from flowdiff.data.images import ImageDataModule, to_model, to_uint8, to_unit
+from flowdiff.errors import ConfigError, DataError
 from flowdiff.guidance import ClassifierFreeGuidance
 from flowdiff.model import FlowModel
 from flowdiff.nets import ADMUNet, CourseUNet

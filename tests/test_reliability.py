@@ -517,7 +517,7 @@ def test_corrupt_images_in_a_folder_are_left_out_by_name(tmp_path):
     (root / "b" / "magic.png").write_bytes(b"GIF89a" + b"\x00" * 100)
     with pytest.warns(UserWarning, match=r"left out 2 unreadable or truncated images \(e.g. .*empty.png\)"):
         dm = ImageDataModule("image_folder", str(root), image_size=16, num_workers=0)
-    assert len(dm._scan.samples) == 6 and not any("magic" in p for p, _ in dm._scan.samples)
+    assert len(dm.dataset.scan.samples) == 6 and not any("magic" in p for p, _ in dm.dataset.scan.samples)
 
 
 def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
@@ -525,7 +525,8 @@ def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
     from PIL import Image
 
     from flowdiff.data.formats import write_image_folder
-    from flowdiff.data.images import DataError, ImageDataModule
+    from flowdiff.data.images import ImageDataModule
+    from flowdiff.errors import DataError
 
     rng = np.random.default_rng(0)
     root = tmp_path / "folder"
@@ -543,7 +544,7 @@ def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
     assert len(messages) == 1
     assert "left out 2 not image files" in messages[0] and "1 unreadable or truncated images" in messages[0]
     assert "cut.png" in messages[0] and "1 empty classes (e.g. empty)" in messages[0]
-    assert dm.num_classes == 2 and len(dm._scan.samples) == 14  # 12 + big.png + gray.jpg
+    assert dm.num_classes == 2 and len(dm.dataset.scan.samples) == 14  # 12 + big.png + gray.jpg
     dm.setup()
     seen = sum(len(b["x1"]) for b in dm.train_dataloader()) + sum(len(b["x1"]) for b in dm.val_dataloader())
     assert seen >= 12  # every batch decodes; mixed sizes and modes all come out (3, 16, 16)

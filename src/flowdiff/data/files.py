@@ -4,7 +4,7 @@ and CIFAR-10's pickled batches (a readable pickle, the ``data`` array's shape an
 
 torchvision reads these formats without checking them: a truncated idx file passed start-up and stopped training
 with ``RuntimeError: shape '[4000, 28, 28]' is invalid for input of size 984``. Image folders are checked image by
-image when they are scanned (:func:`flowdiff.data.images.scan_image_folder`: unreadable files are left out, with a
+image when they are scanned (:func:`flowdiff.data.folders.scan_image_folder`: unreadable files are left out, with a
 warning naming them).
 """
 
