@@ -77,7 +77,7 @@ class FlowModule(L.LightningModule):
                 self.log("train/skipped_batches", float(self.nan.skipped), batch_size=1)
             return None
         # Lightning writes train metrics every `log_every_n_steps` only; calling self.log on the other steps
-        # costs about 2 ms each on a small model (bench/overhead.py), so log on the steps that are written
+        # costs a host sync each (measured in bench/overhead.py, docs/BENCHMARKS.md), so log on the steps written
         # and on the last step of each epoch (so short runs and the progress bar still see the loss)
         if (
             trainer is None
