@@ -22,7 +22,7 @@ SIGMA_DATA = {"moons": 1.435, "8gaussians": 3.674}
 
 def curricula(data: str) -> dict:
     """label -> (run folder, overrides, teacher, target), as few_step.MODELS."""
-    scaled = [f"consistency.curriculum.sigma_data={SIGMA_DATA[data]}"]
+    scaled = [f"stage.curriculum.sigma_data={SIGMA_DATA[data]}"]
     return {
         "Song et al. (default)": ("ct_song", ["stage=consistency", "curriculum=song"], None, None),
         "iCT (EDM's sigmas)": ("ct_ict", ["stage=consistency", "curriculum=ict"], None, None),

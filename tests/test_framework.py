@@ -22,7 +22,9 @@ GUIDANCE = sorted(p.stem for p in (CONF / "guidance").glob("*.yaml"))
 def test_config_groups_are_complete():
     assert PATHS == ["condot", "cosine", "linear_vp", "polynomial", "sqrt"]
     assert OBJECTIVES == ["cfm", "data", "noise", "score"]
-    assert SAMPLERS == ["consistency", "ddim", "dopri5", "euler", "euler_maruyama", "heun", "midpoint", "rk4"]
+    assert SAMPLERS == [
+        "consistency", "ddim", "dopri5", "dpmpp", "edm", "euler", "euler_maruyama", "heun", "midpoint", "rk4"
+    ]  # fmt: skip
     assert GUIDANCE == ["cfg", "none"]
 
 

@@ -92,6 +92,34 @@ def test_reflow_refuses_what_cannot_work_in_one_sentence(teacher, tmp_path, extr
         build_run(cfg)
 
 
+def test_reflow_without_a_teacher_is_refused_at_start_up(tmp_path):
+    cfg = compose_cfg([*FAST, "stage=reflow"], tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"^stage=reflow needs teacher=<a checkpoint written by train.py>"):
+        build_run(cfg)
+
+
+def test_a_student_takes_its_teachers_data_and_sample_refuses_an_sde_on_its_pairs(teacher, tmp_path):
+    """No data= on the command line: the student is on the teacher's moons; its checkpoint records the reflow
+    pairing, so sample.py refuses a sampler that needs the score, as training does."""
+    from flowdiff.evaluation import sample
+
+    args = [a for a in _reflow(teacher, tmp_path) if a != "data=moons"]
+    metrics = train(compose_cfg(args, tmp_path / "student"))
+    assert metrics["global_step"] == 6
+    _, dm, train_cfg = load_checkpoint(tmp_path / "student" / "checkpoints" / "last.ckpt")
+    assert dm.name == "moons" and train_cfg.coupling._target_.endswith("ReflowCoupling")
+    cfg = compose_cfg(
+        [f"ckpt={tmp_path / 'student' / 'checkpoints' / 'last.ckpt'}", "sampler=euler_maruyama", "n=64"],
+        tmp_path / "s",
+        config="sample",
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"sampler=euler_maruyama needs the score, which stage=reflow does not define .*: use an ODE sampler",
+    ):
+        sample(cfg)
+
+
 def test_a_missing_teacher_is_one_sentence(tmp_path):
     cfg = compose_cfg(_reflow(tmp_path / "nowhere.ckpt", tmp_path), tmp_path / "r")
     with pytest.raises(ConfigError, match=r"teacher: ckpt=.*nowhere.ckpt does not exist"):

@@ -211,6 +211,17 @@ def test_consistency_model_trains_updates_its_target_and_samples_in_one_step(tea
     assert two.nfe == 2 and torch.isfinite(two.x).all()
 
 
+def test_a_consistency_student_samples_at_w_1_unless_told(tmp_path):
+    """A stage's student (consistency training too, without a teacher) takes guidance scale 1; the command line
+    may set another."""
+    base = [*FAST, "data=moons", "guidance=cfg", "stage=consistency", "callbacks.plot=null"]
+    with_scale = compose_cfg(base, tmp_path / "a")
+    with_scale.guidance.scale = 3.0  # as an experiment file would set it
+    assert build_run(with_scale)[0].guidance.scale == 1.0
+    told = compose_cfg([*base, "guidance.scale=2"], tmp_path / "b")
+    assert build_run(told)[0].guidance.scale == 2.0
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

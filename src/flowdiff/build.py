@@ -10,6 +10,7 @@ the path (``gaussian_source``: the data's), the guidance (``null_label``: the ne
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def build(node: DictConfig, key: str, factory: bool = False, **at_build_time) ->
             built = built(**at_build_time)
         return built
     except InstantiationException as err:  # Hydra wraps what the constructor raised
-        sentence = _one_sentence(err.__cause__, key)
+        nested = re.search(r"full_key: (\S+)", str(err))  # a node inside this one (stage.sampler)
+        sentence = _one_sentence(err.__cause__, nested.group(1) if nested else key)
         if sentence is None:  # not a refusal of a setting (a target that is not there, a bug): Hydra's own error
             raise
         raise sentence from None
@@ -58,6 +60,8 @@ def build(node: DictConfig, key: str, factory: bool = False, **at_build_time) ->
 
 
 def _one_sentence(err: BaseException | None, key: str) -> ConfigError | None:
+    if isinstance(err, TypeError) and "unexpected keyword argument" in str(err):  # a misspelt +key
+        return ConfigError(f"{key}: {err}: check the spelling of the key")
     if isinstance(err, SettingError):
         return ConfigError(f"{key}.{err}")
     if isinstance(err, ConfigError):
@@ -152,7 +156,7 @@ def build_run(cfg: DictConfig) -> tuple[FlowModule, Any]:
     model = build_model(cfg, datamodule)
     configured = build(cfg.coupling, "coupling")
     coupling = stage.coupling(configured)
-    rules.check_coupling(datamodule, model.sampler, coupling, stage_pairs=coupling is not configured)
+    rules.check_coupling(datamodule, model.sampler, coupling)
     stage.check(datamodule, model, coupling)
     try:
         module = stage.module_class(
@@ -165,8 +169,17 @@ def build_run(cfg: DictConfig) -> tuple[FlowModule, Any]:
         )
     except ValueError as err:  # a stage setting out of range
         raise ConfigError(str(err)) from None
+    except TypeError as err:  # a stage setting its module does not have (a misspelt +stage.<key>)
+        sentence = _one_sentence(err, "stage")
+        if sentence is None:
+            raise
+        raise sentence from None
     stage.initialise(module)
     module.run_config = plain_dict(cfg)
+    if coupling is not configured:  # the checkpoint records the pairing trained on (sample.py's rules ask it)
+        module.run_config["coupling"] = {"_target_": f"{type(coupling).__module__}.{type(coupling).__qualname__}"}
+    if HydraConfig.initialized():  # the sampler's name, for what sample.py reports
+        module.run_config["choices"] = {"sampler": HydraConfig.get().runtime.choices.get("sampler")}
     return module, datamodule
 
 

@@ -46,6 +46,7 @@ def upgrade(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["guidance"] = {}
     else:
         cfg["guidance"] = {"_target_": "flowdiff.guidance.ClassifierFreeGuidance", "_partial_": True, **guidance}
+    cfg["choices"] = {"sampler": dict(cfg["sampler"]).get("name")}  # what sample.py reports the sampler as
     cfg["sampler"] = _sampler(dict(cfg["sampler"]))
     coupling = dict(cfg["coupling"])
     kind = coupling.pop("name")

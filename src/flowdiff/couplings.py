@@ -31,6 +31,8 @@ class Coupling:
 
     #: whether the noise stays independent of the data (the product coupling keeps it so; a plan does not)
     independent: bool = False
+    #: the stage whose own pairing this is (``stage=reflow``), or ``None`` for a ``coupling=`` choice
+    made_by: str | None = None
 
     def __call__(
         self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None

@@ -65,6 +65,12 @@ def resolve_sampler_config(train_cfg: DictConfig, override: DictConfig, explicit
     return OmegaConf.create({**plain_dict(train_cfg.sampler), **edits})
 
 
+def _sampler_name(train_cfg: DictConfig, sampler) -> str:
+    """The sampler's config name: this command's ``sampler=<name>``, else the training run's, else its class."""
+    chosen = HydraConfig.get().runtime.choices.get("sampler") if HydraConfig.initialized() else None
+    return str(chosen or (train_cfg.get("choices") or {}).get("sampler") or type(sampler).__name__)
+
+
 def sample(cfg: DictConfig) -> dict:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module, dm, train_cfg = load_checkpoint(cfg.ckpt, device, compile=bool(cfg.get("compile", False)))
@@ -88,7 +94,7 @@ def sample(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = {
         "checkpoint": str(cfg.ckpt),
-        "sampler": type(sampler).__name__,
+        "sampler": _sampler_name(train_cfg, sampler),
         "steps": sampler_cfg.get("steps"),
         "guidance_scale": scale if scale is not None else (module.guidance.scale if module.guidance else None),
         "n": n,

@@ -257,7 +257,7 @@ class FlowModel(nn.Module):
         ``on_evaluation()`` is called after each network evaluation (a progress bar).
         """
         sampler = sampler or self.sampler
-        missing = set(sampler.fields) - set(self.path.parameterisations)
+        missing = {*sampler.fields, *sampler.conversions} - set(self.path.parameterisations)
         if missing:
             raise ValueError(
                 f"{type(sampler).__name__} needs the {', '.join(sorted(missing))} field, so a Gaussian source: use "
@@ -270,7 +270,7 @@ class FlowModel(nn.Module):
             if generator is not None and self.device.type != "cpu":
                 noise_gen = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
             t_span = self.objective.sample_time_range(self.path, dtype=x0.dtype, fields=sampler.fields)
-            x0 = self.start_at(x0, float(sampler.grid(x0, t_span)[0]))
+            x0 = self.start_at(x0, float(sampler.times(x0, t_span, self.path)[0]))
             return sampler.sample(
                 fields.velocity,
                 x0,
@@ -279,6 +279,7 @@ class FlowModel(nn.Module):
                 t_span=t_span,
                 return_trajectory=return_trajectory,
                 generator=noise_gen or generator,
+                path=self.path,
             )
 
     @torch.no_grad()

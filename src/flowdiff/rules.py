@@ -81,7 +81,7 @@ def check_model(datamodule, path, objective, sampler, guidance) -> None:
             f"{chosen('objective', objective.prediction + ' objective')} needs a Gaussian source with path.sigma=0, "
             f"but {why}: use objective=cfm"
         )
-    missing = set(sampler.fields) - set(path.parameterisations)
+    missing = {*sampler.fields, *sampler.conversions} - set(path.parameterisations)
     if missing or (sampler.stochastic and "score" not in path.parameterisations):
         raise ConfigError(
             f"{chosen('sampler', type(sampler).__name__)} needs a Gaussian path (a score or data prediction), but "
@@ -89,14 +89,14 @@ def check_model(datamodule, path, objective, sampler, guidance) -> None:
         )
 
 
-def check_coupling(datamodule, sampler, coupling, stage_pairs: bool = False) -> None:
+def check_coupling(datamodule, sampler, coupling) -> None:
     """A coupling that pairs noise with data cannot serve a sampler that draws noise; label-wise pairing needs
-    labels. ``stage_pairs``: the stage chose the coupling (reflow's), so the fix is the sampler."""
+    labels. A stage's own pairing (reflow's, ``made_by`` it) leaves the sampler as the fix."""
     if sampler.stochastic and not coupling.independent:
         name = chosen("sampler", type(sampler).__name__)
-        if stage_pairs:
+        if coupling.made_by is not None:
             raise ConfigError(
-                f"{name} needs the score, which {chosen('stage', 'the stage')} does not define (its noise is paired "
+                f"{name} needs the score, which {coupling.made_by} does not define (its noise is paired "
                 "with the data): use an ODE sampler such as sampler=euler"
             )
         raise ConfigError(

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowdiff.errors import check_setting
+from flowdiff.errors import check_choice, check_setting
+from flowdiff.samplers.grids import GRIDS
 from flowdiff.utils import full_time
 
 FieldFn = Callable[[Tensor, Tensor], Tensor]
@@ -76,13 +77,27 @@ class Sampler:
     stochastic: bool = False
     #: the fields it evaluates (the sampling span is where the model's prediction converts into them)
     fields: tuple[str, ...] = ("velocity",)
+    #: what it converts the fields into itself, through the path (DDIM: the data and noise of the velocity)
+    conversions: tuple[str, ...] = ()
     #: whether it chooses its own steps (``steps`` then only sets the output grid)
     adaptive: bool = False
     #: network evaluations per step (what a progress bar expects; adaptive solvers cannot say)
     evaluations_per_step: int = 1
 
-    def __init__(self, steps: int = 100, t_min: float = 0.0, t_max: float = 1.0, denoise: bool = True) -> None:
+    def __init__(
+        self,
+        steps: int = 100,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        denoise: bool = True,
+        grid: str = "uniform",
+        rho: float = 7.0,
+        shift: float = 3.0,
+    ) -> None:
         check_setting("steps", steps, lambda v: v >= 1, "at least 1 (a sampler needs at least one step)", whole=True)
+        check_choice("grid", grid, tuple(GRIDS))
+        check_setting("rho", rho, lambda v: v > 0, "a positive number, such as EDM's 7")
+        check_setting("shift", shift, lambda v: v > 0, "a positive number, such as SD3's 3 (1: the uniform grid)")
         check_setting("t_min", t_min, lambda v: 0 <= v < 1, "a time in [0, 1) (t = 0 is the noise)")
         check_setting(
             "t_max", t_max, lambda v: t_min < v <= 1, f"a time in ({t_min:g}, 1] (above t_min; 1 is the data)"
@@ -91,6 +106,7 @@ class Sampler:
         self.t_min = t_min
         self.t_max = t_max
         self.denoise = denoise
+        self.grid, self.rho, self.shift = grid, rho, shift
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "path")
@@ -119,10 +135,19 @@ class Sampler:
             )
         return self
 
-    def grid(self, x0: Tensor, t_span: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-        return time_grid(
-            self.steps, max(self.t_min, t_span[0]), min(self.t_max, t_span[1]), device=x0.device, dtype=x0.dtype
-        )
+    def times(self, x0: Tensor, t_span: tuple[float, float] = (0.0, 1.0), path=None) -> Tensor:
+        """The ``steps + 1`` times of the solve inside ``t_span`` and ``[t_min, t_max]``, on ``self.grid``
+        (:mod:`flowdiff.samplers.grids`; all but ``uniform`` need the Gaussian ``path``'s schedule)."""
+        lo, hi = max(self.t_min, t_span[0]), min(self.t_max, t_span[1])
+        if self.grid == "uniform":
+            return time_grid(self.steps, lo, hi, device=x0.device, dtype=x0.dtype)
+        schedule = getattr(path, "schedule", None)
+        if schedule is None:
+            raise ValueError(
+                f"sampler.grid={self.grid} is defined through a Gaussian path's noise levels: use grid=uniform"
+            )
+        t = GRIDS[self.grid](self.steps, lo, hi, schedule, rho=self.rho, shift=self.shift)
+        return t.to(device=x0.device, dtype=x0.dtype)
 
     @torch.no_grad()
     def sample(
@@ -135,13 +160,23 @@ class Sampler:
         t_span: tuple[float, float] = (0.0, 1.0),
         return_trajectory: bool = False,
         generator: torch.Generator | None = None,
+        path=None,
     ) -> SampleResult:
-        """Integrate from ``x0`` at the span's start; ``generator`` drives the noise of SDE samplers."""
-        if "score" in self.fields and score_fn is None:
-            raise ValueError(f"{type(self).__name__} needs a score_fn (the model gives it through the path)")
-        times = self.grid(x0, t_span)
+        """Integrate from ``x0`` at the span's start; ``generator`` drives the noise of SDE samplers; ``path`` (the
+        model's) gives the noise levels of non-uniform grids and of the samplers that step in them."""
+        for field, fn in (("score", score_fn), ("data", data_fn)):
+            if field in self.fields and fn is None:
+                raise ValueError(f"{type(self).__name__} needs a {field}_fn (the model gives it through the path)")
+        times = self.times(x0, t_span, path)
         out = self.integrate(
-            velocity_fn, x0, times, score_fn=score_fn, return_trajectory=return_trajectory, generator=generator
+            velocity_fn,
+            x0,
+            times,
+            score_fn=score_fn,
+            data_fn=data_fn,
+            path=path,
+            return_trajectory=return_trajectory,
+            generator=generator,
         )
         if not self.denoise or data_fn is None or float(times[-1]) >= 1.0:
             return out
@@ -158,6 +193,8 @@ class Sampler:
         times: Tensor,
         *,
         score_fn: FieldFn | None = None,
+        data_fn: FieldFn | None = None,
+        path=None,
         return_trajectory: bool = False,
         generator: torch.Generator | None = None,
     ) -> SampleResult:  # pragma: no cover - interface
@@ -171,7 +208,9 @@ class FixedStepSampler(Sampler):
     def step(self, f: FieldFn, x: Tensor, t: float, h: float) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
+    def integrate(
+        self, velocity_fn, x0, times, *, score_fn=None, data_fn=None, path=None, return_trajectory=False, generator=None
+    ):
         counted = CountedField(velocity_fn)
         batch = x0.shape[0]
 

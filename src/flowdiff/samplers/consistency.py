@@ -22,10 +22,18 @@ class ConsistencySampler(Sampler):
 
     fields = ("data",)
 
-    def __init__(self, path, steps: int = 1, t_min: float = 0.0, t_max: float = 1.0, denoise: bool = True) -> None:
-        super().__init__(steps, t_min, t_max, denoise)
-        if "data" not in getattr(path, "parameterisations", ()):
-            raise ValueError("the consistency sampler needs a Gaussian path (a Gaussian source)")
+    def __init__(
+        self,
+        path,
+        steps: int = 1,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        denoise: bool = True,
+        grid: str = "uniform",
+        rho: float = 7.0,
+        shift: float = 3.0,
+    ) -> None:
+        super().__init__(steps, t_min, t_max, denoise, grid, rho, shift)
         self.path = path
 
     @torch.no_grad()
@@ -39,11 +47,12 @@ class ConsistencySampler(Sampler):
         t_span=(0.0, 1.0),
         return_trajectory: bool = False,
         generator: torch.Generator | None = None,
+        path=None,
     ) -> SampleResult:
         if data_fn is None:
             raise ValueError("the consistency sampler needs the model's data prediction (a Gaussian path)")
         f = CountedField(data_fn)
-        times = self.grid(x0, t_span)[:-1]  # (steps,) the times f is evaluated at
+        times = self.times(x0, t_span, path or self.path)[:-1]  # (steps,) the times f is evaluated at
         x, path = x0, [x0] if return_trajectory else None
         for i, t in enumerate(times.tolist()):
             tb = full_time(t, x0.shape[0], x0)

@@ -21,6 +21,8 @@ from flowdiff.utils import broadcast_time, full_time
 class DDIMSampler(Sampler):
     """DDIM (``eta = 0``) to DDPM (``eta = 1``) steps built from any objective's prediction, via the path."""
 
+    conversions = ("data", "noise")  # of the velocity, through the path: a Gaussian path
+
     @property
     def stochastic(self) -> bool:  # eta > 0 draws fresh noise at every step: it needs noise independent of the data
         return self.eta > 0
@@ -33,22 +35,24 @@ class DDIMSampler(Sampler):
         t_min: float = 0.0,
         t_max: float = 1.0,
         denoise: bool = True,
+        grid: str = "uniform",
+        rho: float = 7.0,
+        shift: float = 3.0,
     ) -> None:
-        super().__init__(steps, t_min, t_max, denoise)
-        if not hasattr(path, "convert") or "data" not in path.parameterisations:
-            raise ValueError("the ddim sampler needs a Gaussian path (a Gaussian source)")
+        super().__init__(steps, t_min, t_max, denoise, grid, rho, shift)
         # beyond 1 the variance beta'^2 - s^2 of the eps_hat term would be negative
         check_setting("eta", eta, lambda v: 0 <= v <= 1, "a number with 0 <= eta <= 1 (0: DDIM, 1: DDPM's ancestral)")
         self.path = path
         self.eta = eta
+
+    def times(self, x0, t_span=(0.0, 1.0), path=None):
         # its own conversions velocity -> (data, noise) must be finite too (e.g. alpha^2 schedules at t = 0)
-        self._own_range = path.time_range([("velocity", "data"), ("velocity", "noise")])
+        lo, hi = self.path.time_range([("velocity", "data"), ("velocity", "noise")])
+        return super().times(x0, (max(t_span[0], lo), min(t_span[1], hi)), path or self.path)
 
-    def grid(self, x0, t_span=(0.0, 1.0)):
-        lo, hi = self._own_range
-        return super().grid(x0, (max(t_span[0], lo), min(t_span[1], hi)))
-
-    def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
+    def integrate(
+        self, velocity_fn, x0, times, *, score_fn=None, data_fn=None, path=None, return_trajectory=False, generator=None
+    ):
         counted = CountedField(velocity_fn)
         x, traj = x0, [x0] if return_trajectory else None
         ts = times.tolist()

@@ -82,7 +82,9 @@ class Dopri5Sampler(Sampler):
         other.steps = steps
         return other
 
-    def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
+    def integrate(
+        self, velocity_fn, x0, times, *, score_fn=None, data_fn=None, path=None, return_trajectory=False, generator=None
+    ):
         counted = CountedField(velocity_fn)
 
         def f(t, x):  # torchdiffeq's argument order, scalar t

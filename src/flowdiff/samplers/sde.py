@@ -90,8 +90,11 @@ class EulerMaruyamaSampler(Sampler):
         t_min: float = 0.0,
         t_max: float = 1.0,
         denoise: bool = True,
+        grid: str = "uniform",
+        rho: float = 7.0,
+        shift: float = 3.0,
     ) -> None:
-        super().__init__(steps, t_min, t_max, denoise)
+        super().__init__(steps, t_min, t_max, denoise, grid, rho, shift)
         check_choice("sigma_schedule", sigma_schedule, ("constant", "beta"))
         check_setting("sigma", sigma, lambda v: v >= 0, "a noise scale of 0 or more (0: the ODE)")
         check_setting("langevin_steps", langevin_steps, lambda v: v >= 0, "0 or more corrector steps", whole=True)
@@ -112,7 +115,9 @@ class EulerMaruyamaSampler(Sampler):
             return torch.full_like(t, self.sigma)
         return self.sigma * self.path.schedule(t).beta
 
-    def integrate(self, velocity_fn, x0, times, *, score_fn=None, return_trajectory=False, generator=None):
+    def integrate(
+        self, velocity_fn, x0, times, *, score_fn=None, data_fn=None, path=None, return_trajectory=False, generator=None
+    ):
         corrector_evals = 0
 
         def drift(x: Tensor, t: Tensor) -> Tensor:

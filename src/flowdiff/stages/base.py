@@ -43,9 +43,13 @@ class Stage:
     module_class: type[FlowModule] = FlowModule
     #: a student samples a CFG teacher's guidance at this w (its teacher's guidance is in what it learns)
     student_guidance_scale: float | None = None
+    #: whether the stage starts from a trained model (reflow, distillation) or may start from data
+    needs_teacher: bool = False
 
     def __init__(self, teacher: str | None = None, init_from_teacher: bool = True) -> None:
         self.teacher_path = None if teacher is None else str(teacher)
+        if self.needs_teacher and self.teacher_path is None:
+            raise ConfigError(f"stage={self.name} needs teacher=<a checkpoint written by train.py>")
         self.init_from_teacher = init_from_teacher
         self._teacher: Teacher | None = None
 
@@ -71,10 +75,8 @@ class Stage:
         group's keys (``named``: the keys it sets, such as ``data`` or ``data.batch_size``; a named key is kept on
         top of the teacher's group); set the student's guidance scale."""
         teacher = self.teacher
-        if teacher is None:
-            return
         with open_dict(cfg):
-            for group in INHERITED:
+            for group in INHERITED if teacher is not None else ():
                 if group in named or group not in teacher.cfg:
                     continue
                 node = OmegaConf.create(OmegaConf.to_container(teacher.cfg[group]))

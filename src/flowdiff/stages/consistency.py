@@ -198,7 +198,7 @@ class ConsistencyModule(FlowModule):
         if problem is not None:
             raise ValueError(f"stage=consistency cannot train a {self.objective.prediction} network: {problem}")
         if teacher_solver not in ("heun", "euler"):
-            raise ValueError(f"consistency.teacher_solver must be heun or euler, got {teacher_solver!r}")
+            raise ValueError(f"stage.teacher_solver must be heun or euler, got {teacher_solver!r}")
         if intervals < 1 or not 0 <= target_decay < 1:
             raise ValueError(
                 f"consistency settings out of range: intervals={intervals} (>= 1), target_decay={target_decay} "

@@ -72,6 +72,7 @@ class DistillStage(TeacherTrajectories, Stage):
     name = "distill"
     module_class = DistillationModule
     student_guidance_scale = 1.0
+    needs_teacher = True
 
     def __init__(
         self,
@@ -87,8 +88,6 @@ class DistillStage(TeacherTrajectories, Stage):
     ) -> None:
         check_setting("steps", steps, lambda v: v >= 1, "at least 1 (the student's number of steps)", whole=True)
         Stage.__init__(self, teacher, init_from_teacher)
-        if self.teacher_path is None:
-            raise ConfigError("stage=distill needs teacher=<a checkpoint written by train.py>")
         TeacherTrajectories.__init__(self, n_pairs, sampler or Dopri5Sampler(), batch_size, cache_dir)
         self.steps, self.progressive = int(steps), progressive
         self.module_settings = module_settings

@@ -25,6 +25,7 @@ class ReflowCoupling(Coupling):
     """The teacher's coupling: each batch already holds ``x0`` and the teacher's sample of it, kept as they are."""
 
     independent = False
+    made_by = "stage=reflow"  # not a coupling= choice
 
     def __call__(self, x0: Tensor, z: Tensor, y: Tensor | None = None, generator=None) -> Batch:
         return x0, z, y
@@ -46,6 +47,7 @@ class ReflowStage(TeacherTrajectories, Stage):
     """
 
     name = "reflow"
+    needs_teacher = True
 
     def __init__(
         self,
