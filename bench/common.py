@@ -21,15 +21,19 @@ from flowdiff.samplers import EulerSampler  # noqa: E402
 from helpers import compose_cfg  # noqa: E402
 
 # no validation, plots, checkpoints, EMA or progress bar: the benchmarks evaluate the trained model themselves
-QUIET = [f"callbacks.{c}=null" for c in ("metrics", "plot", "checkpoint", "progress_bar", "ema")] + [
+QUIET = [f"callbacks.{c}=null" for c in ("metrics", "plot", "checkpoint", "last_checkpoint", "progress_bar", "ema")] + [
     "logger=[]",
     "trainer.enable_progress_bar=false",
     "trainer.check_val_every_n_epoch=100000",
 ]
 
 
-def compose(overrides: list[str], run_dir: Path | str = "/tmp/flowdiff-bench"):
-    return compose_cfg(overrides, run_dir)
+def compose(overrides: list[str], run_dir: Path | str | None = None):
+    """The config of ``overrides``, in ``run_dir`` (a fresh temporary folder by default: a run dir holding a
+    checkpoint is resumed, so two models must never share one)."""
+    import tempfile
+
+    return compose_cfg(overrides, run_dir or tempfile.mkdtemp(prefix="flowdiff-bench-"))
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 7, inner: int = 1, sync: Callable[[], None] = lambda: None):
