@@ -274,3 +274,23 @@ def test_new_samplers_compose_with_objectives_and_guidance(objective):
             8, sampler, y=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), generator=torch.Generator().manual_seed(0)
         )
         assert torch.isfinite(out.x).all() and out.nfe >= sampler.steps, (objective, sampler)
+
+
+@pytest.mark.parametrize(
+    "overrides, nfe",
+    [
+        (["sampler=dpmpp", "sampler.steps=6"], 6),
+        (["sampler=edm", "sampler.steps=4", "sampler.s_churn=5", "guidance.scale=2"], 7),
+        (["sampler=heun", "sampler.steps=3", "sampler.grid=logsnr"], 6),
+    ],
+)
+def test_sample_py_takes_the_new_samplers_and_grids(tmp_path, overrides, nfe):
+    """sample.py on a checkpoint trained with Euler (a CFG flow of the compatibility set): any sampler, grid and
+    guidance scale, the NFE counted."""
+    from flowdiff.evaluation import sample
+    from helpers import ROOT, compose_cfg
+
+    ckpt = ROOT / "tests" / "data" / "checkpoints" / "flow.ckpt"
+    cfg = compose_cfg([f"ckpt={ckpt}", "n=64", "straightness.n=0", *overrides], tmp_path, config="sample")
+    metrics = sample(cfg)
+    assert metrics["nfe"] == nfe and 0 < metrics["w2"] < 10 and metrics["sampler"] == overrides[0].split("=")[1]
