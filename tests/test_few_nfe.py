@@ -243,6 +243,28 @@ def test_edm_sampler_equals_nvlabs_edm_sampler(churn, name):
     torch.testing.assert_close(ours.x, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["polynomial", "linear_vp", "sqrt"])
+@pytest.mark.parametrize("grid", ["uniform", "shift", "logsnr"])
+def test_edm_sampler_on_any_grid_stays_inside_the_sampling_range(name, grid):
+    """Its grid starts at t(sigma_max) at the earliest and churn never leaves the span: every evaluation is at a
+    time inside [t_lo, 1] (here a noise objective's t_lo = 0.3 on some paths, 0 on others)."""
+    schedule = ALL_SCHEDULES[name]
+    path, seen = GaussianPath(schedule), []
+    data_fn = gaussian_data_fn(schedule)
+
+    def recording(x, t):
+        seen.append(float(t[0]))
+        return data_fn(x, t)
+
+    for lo in (0.0, 0.3):
+        for steps in (3, 10, 40):
+            seen.clear()
+            sampler = EDMSampler(steps=steps, s_churn=40, grid=grid)
+            x0 = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            out = sampler.sample(None, x0, data_fn=recording, t_span=(lo, 1.0), path=path)
+            assert torch.isfinite(out.x).all() and min(seen) >= lo - 1e-12, (grid, lo, steps, min(seen))
+
+
 def test_edm_sampler_lands_on_the_closed_form_law():
     schedule = ALL_SCHEDULES["cosine"]
     path = GaussianPath(schedule)

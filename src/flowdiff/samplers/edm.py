@@ -6,7 +6,9 @@ EDM integrates ``dx/dsigma = (x - D(x; sigma)) / sigma`` for ``x = z + sigma eps
 ``sigma_{i+1}`` first raises the noise to ``sigma_hat = (1 + gamma_i) sigma_i`` with fresh noise,
 ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` for ``sigma_i`` in ``[S_tmin, S_tmax]`` (0 otherwise), then takes a
 Heun step to ``sigma_{i+1}`` (an Euler step where ``sigma_{i+1} = 0``). ``S_churn = 0`` is EDM's deterministic
-Heun sampler (Algorithm 1).
+Heun sampler (Algorithm 1). The grid starts at ``t(sigma_max)`` at the earliest, and ``sigma_hat`` never exceeds the
+grid's first noise level, so churn stays inside the objective's sampling range (EDM's own settings never churn
+there: ``S_tmax = 50 < sigma_max``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from flowdiff.utils import full_time
 
 class EDMSampler(Sampler):
     """Heun with churn in EDM's noise levels; 2 evaluations of the data prediction per step (1 on a last step to
-    the data). Starts no earlier than ``t(sigma_max)``, where the noise level is finite."""
+    the data)."""
 
     fields = ("data",)
     evaluations_per_step = 2
@@ -54,16 +56,11 @@ class EDMSampler(Sampler):
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
 
     def times(self, x0, t_span=(0.0, 1.0), path=None):
-        t = super().times(x0, t_span, path)
+        """The grid on the span from ``t(sigma_max)`` on: no noise level above EDM's ``sigma_max``."""
         if path is None or not hasattr(path, "schedule"):
             raise ValueError("EDM's sampler steps in a Gaussian path's noise levels: it needs the path")
         first = float(time_of_sigma(path.schedule, torch.tensor([SIGMA_MAX])))
-        if float(t[0]) < first:  # an infinite (or beyond EDM's) noise level: start where sigma = sigma_max
-            t = t.clone()
-            t[0] = first
-            if float(t[1]) <= first:
-                raise ValueError(f"the first step of sampler.grid={self.grid} ends before sigma_max: use grid=edm")
-        return t
+        return super().times(x0, (max(t_span[0], first), t_span[1]), path)
 
     def integrate(
         self, velocity_fn, x0, times, *, score_fn=None, data_fn=None, path=None, return_trajectory=False, generator=None
@@ -85,8 +82,9 @@ class EDMSampler(Sampler):
         for i in range(n):
             s_cur, s_next, t_cur, t_next = sigmas[i], sigmas[i + 1], float(ts[i]), float(ts[i + 1])
             gamma = min(self.s_churn / n, math.sqrt(2) - 1) if self.s_tmin <= s_cur <= self.s_tmax else 0.0
-            s_hat = s_cur * (1 + gamma)
-            t_hat = t_cur if gamma == 0 else float(time_of_sigma(path.schedule, torch.tensor([s_hat])))
+            s_hat = min(s_cur * (1 + gamma), sigmas[0])  # never noisier than the start: inside the sampling range
+            exact = s_hat == s_cur
+            t_hat = t_cur if exact else float(time_of_sigma(path.schedule, torch.tensor([s_hat], dtype=torch.float64)))
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # drawn every step, as EDM
             x_hat = x + math.sqrt(max(s_hat**2 - s_cur**2, 0.0)) * self.s_noise * eps
             d = (x_hat - denoised(x_hat, s_hat, t_hat)) / s_hat
