@@ -8,9 +8,11 @@ model, beside the 100-step W2 and the finite-sample floor; writes docs/bench/few
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,7 +58,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--n-eval", type=int, default=2000)
+    p.add_argument("--plot-only", action="store_true", help="redraw the figure from docs/bench/few_nfe.json")
     args = p.parse_args(argv)
+    if args.plot_only:
+        return figure(json.loads((RESULTS / "few_nfe.json").read_text()))
     results, rows = {}, []
     start = time.perf_counter()
     for task, data in TASKS.items():
@@ -109,20 +114,35 @@ def main(argv=None):
         },
     )
     (RESULTS / "few_nfe.md").write_text(table + "\n")
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), sharey=False)
-    for ax, (key, entry) in zip(axes, results.items()):
+    figure(results)
+
+
+def figure(results: dict) -> None:
+    """W2 against NFE per model: each sampler on the uniform grid (solid) and its best other grid (dashed)."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (key, entry) in zip(axes.flat, results.items()):
         for sampler, curves in entry["curves"].items():
-            at8 = {g: min((w for n, w in c.items() if n <= 8), default=float("inf")) for g, c in curves.items()}
+            at8 = {g: min((w for n, w in c.items() if int(n) <= 8), default=float("inf")) for g, c in curves.items()}
             best = min((g for g in GRIDS if g != "uniform"), key=lambda g: at8[g])
             for grid, style in (("uniform", "-"), (best, "--")):
                 c = curves[grid]
-                ax.plot(list(c), list(c.values()), style, marker="o", ms=3, label=f"{sampler} ({grid})")
+                ax.plot([int(n) for n in c], list(c.values()), style, marker="o", ms=3, label=f"{sampler} ({grid})")
         ax.axhline(entry["euler_100"], color="k", lw=0.8, label="Euler, 100 steps")
-        ax.axhline(entry["floor"], color="gray", lw=0.8, ls=":", label="floor")
-        ax.set(xscale="log", yscale="log", title=key, xlabel="NFE", ylabel="W2")
-    axes[0].legend(fontsize=7)
+        ax.axhline(entry["floor"], color="gray", lw=0.8, ls=":", label="floor (2,000 vs 2,000)")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=key,
+            xlabel="NFE",
+            ylabel="W2",
+            ylim=(0.8 * entry["floor"], 4 * entry["euler_100"]),
+        )
+        ax.set_xticks(list(NFE))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.flat[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(RESULTS / "few_nfe.png", dpi=110)
+    fig.savefig(RESULTS / "few_nfe.png", dpi=100)
 
 
 if __name__ == "__main__":

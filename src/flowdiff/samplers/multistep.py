@@ -48,7 +48,7 @@ class DPMSolverPlusPlusSampler(Sampler):
         t_min: float = 0.0,
         t_max: float = 1.0,
         denoise: bool = True,
-        grid: str = "logsnr",
+        grid: str = "uniform",
         rho: float = 7.0,
         shift: float = 3.0,
     ) -> None:
