@@ -31,6 +31,10 @@ class EDMSampler(Sampler):
     evaluations_per_step = 2
 
     @property
+    def expected_nfe(self) -> int:  # the last step, to the data, takes one evaluation
+        return 2 * self.steps - 1
+
+    @property
     def stochastic(self) -> bool:  # churn adds fresh noise: it assumes noise independent of the data
         return self.s_churn > 0
 
