@@ -51,6 +51,11 @@ def class_default(*, _parent_, _node_) -> Any:
     except (ImportError, ValueError, AttributeError):
         return None
     parameter = inspect.signature(owner).parameters.get(key)
+    for base in getattr(owner, "__mro__", ())[1:]:  # a setting passed on through **kwargs to a base class
+        if parameter is not None:
+            break
+        if "__init__" in vars(base):
+            parameter = inspect.signature(base).parameters.get(key)
     if parameter is None and hasattr(owner, "module_class"):  # a stage's settings that are its LightningModule's
         parameter = inspect.signature(owner.module_class).parameters.get(key)
     if parameter is None or parameter.default is inspect.Parameter.empty:

@@ -26,14 +26,9 @@ class ConsistencySampler(Sampler):
         self,
         path,
         steps: int = 1,
-        t_min: float = 0.0,
-        t_max: float = 1.0,
-        denoise: bool = True,
-        grid: str = "uniform",
-        rho: float = 7.0,
-        shift: float = 3.0,
+        **common,  # t_min, t_max, denoise, grid, rho, shift: the Sampler's (a key it lacks is a TypeError)
     ) -> None:
-        super().__init__(steps, t_min, t_max, denoise, grid, rho, shift)
+        super().__init__(steps, **common)
         self.path = path
 
     @torch.no_grad()

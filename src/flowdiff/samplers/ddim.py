@@ -32,14 +32,9 @@ class DDIMSampler(Sampler):
         path,
         eta: float = 0.0,
         steps: int = 100,
-        t_min: float = 0.0,
-        t_max: float = 1.0,
-        denoise: bool = True,
-        grid: str = "uniform",
-        rho: float = 7.0,
-        shift: float = 3.0,
+        **common,  # t_min, t_max, denoise, grid, rho, shift: the Sampler's (a key it lacks is a TypeError)
     ) -> None:
-        super().__init__(steps, t_min, t_max, denoise, grid, rho, shift)
+        super().__init__(steps, **common)
         # beyond 1 the variance beta'^2 - s^2 of the eps_hat term would be negative
         check_setting("eta", eta, lambda v: 0 <= v <= 1, "a number with 0 <= eta <= 1 (0: DDIM, 1: DDPM's ancestral)")
         self.path = path

@@ -45,14 +45,10 @@ class EDMSampler(Sampler):
         s_tmax: float = math.inf,
         s_noise: float = 1.0,
         steps: int = 18,
-        t_min: float = 0.0,
-        t_max: float = 1.0,
-        denoise: bool = True,
         grid: str = "edm",
-        rho: float = 7.0,
-        shift: float = 3.0,
+        **common,  # t_min, t_max, denoise, rho, shift: the Sampler's
     ) -> None:
-        super().__init__(steps, t_min, t_max, denoise, grid, rho, shift)
+        super().__init__(steps, grid=grid, **common)
         check_setting("s_churn", s_churn, lambda v: v >= 0, "0 or more (0: EDM's deterministic Heun sampler)")
         check_setting("s_tmin", s_tmin, lambda v: v >= 0, "a noise level of 0 or more")
         check_setting("s_tmax", s_tmax, lambda v: v >= s_tmin, f"a noise level of at least s_tmin={s_tmin}")

@@ -45,14 +45,9 @@ class DPMSolverPlusPlusSampler(Sampler):
         order: int = 2,
         lower_order_final: bool = True,
         steps: int = 20,
-        t_min: float = 0.0,
-        t_max: float = 1.0,
-        denoise: bool = True,
-        grid: str = "uniform",
-        rho: float = 7.0,
-        shift: float = 3.0,
+        **common,  # t_min, t_max, denoise, grid, rho, shift: the Sampler's
     ) -> None:
-        super().__init__(steps, t_min, t_max, denoise, grid, rho, shift)
+        super().__init__(steps, **common)
         check_choice("order", order, (1, 2, 3))
         self.order, self.lower_order_final = int(order), bool(lower_order_final)
 

@@ -87,14 +87,9 @@ class EulerMaruyamaSampler(Sampler):
         langevin_steps: int = 0,
         langevin_step: float = 0.01,
         steps: int = 500,
-        t_min: float = 0.0,
-        t_max: float = 1.0,
-        denoise: bool = True,
-        grid: str = "uniform",
-        rho: float = 7.0,
-        shift: float = 3.0,
+        **common,  # t_min, t_max, denoise, grid, rho, shift: the Sampler's (a key it lacks is a TypeError)
     ) -> None:
-        super().__init__(steps, t_min, t_max, denoise, grid, rho, shift)
+        super().__init__(steps, **common)
         check_choice("sigma_schedule", sigma_schedule, ("constant", "beta"))
         check_setting("sigma", sigma, lambda v: v >= 0, "a noise scale of 0 or more (0: the ODE)")
         check_setting("langevin_steps", langevin_steps, lambda v: v >= 0, "0 or more corrector steps", whole=True)
