@@ -257,7 +257,7 @@ def test_edm_sampler_on_any_grid_stays_inside_the_sampling_range(name, grid):
         return data_fn(x, t)
 
     for lo in (0.0, 0.3):
-        for steps in (3, 10, 40):
+        for steps in (3, 12):
             seen.clear()
             sampler = EDMSampler(steps=steps, s_churn=40, grid=grid)
             x0 = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
