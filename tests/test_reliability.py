@@ -200,7 +200,11 @@ def _wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float
     raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize(
+    "signum",
+    # SIGUSR1 (SLURM's warning before pre-emption) takes SIGTERM's handler: `make test-all` runs it
+    [signal.SIGTERM, signal.SIGINT, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
+)
 def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
     """SIGTERM / Ctrl-C (SIGINT) / SIGUSR1: last.ckpt of the very step, exit 128 + signum, one sentence; then the run
     goes on from it (SIGTERM and Ctrl-C: with ckpt_path=last, as a user would; SIGUSR1: restarted in its own run
