@@ -9,6 +9,11 @@ split (``train=False`` in torchvision); an image folder holds out ``val_fraction
 with ``seed``. FID references are drawn from the training split and the FID floor compares them with
 the same number of held-out images (see :meth:`ImageDataModule.real_images`).
 
+Training order: batch ``k`` of a run is the same images (and flips) whether it is read through a DataLoader or
+gathered from a copy of the training set held on the device (``on_device``): both read :class:`TrainingOrder`, a
+counter-based stream, and the position in it is saved in checkpoints, so a resumed run sees the batches an
+uninterrupted one would.
+
 Nothing is downloaded unless ``download=True``: offline, missing files stop the run with one sentence
 that names the files expected under ``root``.
 """
@@ -16,20 +21,23 @@ that names the files expected under ``root``.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
-from torchvision import transforms as T
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from flowdiff.data.datamodule import _ResumableLoader
 from flowdiff.data.datasets import DATASETS
 from flowdiff.data.pixels import image_transform, to_model, to_uint8, to_unit
 from flowdiff.errors import DataError
-from flowdiff.seeds import OFFSETS, seeded
+from flowdiff.seeds import OFFSETS, seeded, stream_seed
 
 __all__ = ["ImageDataModule", "to_model", "to_uint8", "to_unit"]
 
@@ -45,6 +53,110 @@ class _Collate:
         if self.labels:
             batch["y"] = torch.tensor([int(y) for _, y in items], dtype=torch.long)
         return batch
+
+
+class TrainingOrder:
+    """Which images, and which flipped, training batch ``k`` holds: position ``p`` of the run's stream is image
+    ``perm_q[p - q n]`` of pass ``q = p // n`` over the ``n`` training images, each pass a permutation drawn from its
+    own seed (counter-based: any batch is drawn without the ones before it); batch ``k`` of ``size`` images holds
+    positions ``[k size, (k + 1) size)``. Flips are drawn per batch, from a seed of ``k``."""
+
+    def __init__(self, n: int, seed: int, hflip: bool) -> None:
+        self.n, self.seed, self.hflip = n, seed, hflip
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, q: int) -> Tensor:
+        if q not in self._perms:
+            if len(self._perms) > 4:  # a run reads passes in order: keep the last few
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(stream_seed("image order", self.seed, q))
+            self._perms[q] = torch.randperm(self.n, generator=g)
+        return self._perms[q]
+
+    def indices(self, k: int, size: int) -> Tensor:
+        """``(size,)`` image indices of batch ``k``."""
+        p = torch.arange(k * size, (k + 1) * size)
+        passes = p // self.n
+        out = torch.empty(size, dtype=torch.long)
+        for q in passes.unique().tolist():
+            where = passes == q
+            out[where] = self._perm(q)[p[where] - q * self.n]
+        return out
+
+    def flips(self, k: int, size: int) -> Tensor:
+        """``(size,)`` bool: which images of batch ``k`` are mirrored (none without ``hflip``)."""
+        if not self.hflip:
+            return torch.zeros(size, dtype=torch.bool)
+        g = torch.Generator().manual_seed(stream_seed("image flips", self.seed, k))
+        return torch.rand(size, generator=g) < 0.5
+
+
+class _Flippable(Dataset):
+    """``dataset[(index, flip)]``: the image, mirrored left to right when ``flip``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[Tensor, int]:
+        index, flip = key
+        image, label = self.dataset[index]
+        return (image.flip(-1) if flip else image), label
+
+
+class _OrderSampler(Sampler):
+    """The DataLoader's side of :class:`TrainingOrder`: ``(index, flip)`` for the ``steps_per_epoch`` batches from
+    the first one not yet trained on (a batch of ``batch_size x world_size`` positions: under DDP Lightning hands
+    each rank its share, every ``world_size``-th)."""
+
+    def __init__(self, dm: ImageDataModule, world: int) -> None:
+        self.dm, self.world = dm, world
+
+    def __len__(self) -> int:
+        return self.dm.train_steps * self.dm.batch_size * self.world
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        dm, size = self.dm, self.dm.batch_size * self.world
+        start = max(dm.batches_drawn, dm.batches_trained)
+        for k in range(start, start + dm.train_steps):
+            dm.batches_drawn = k + 1
+            yield from zip(dm.order.indices(k, size).tolist(), dm.order.flips(k, size).tolist())
+
+
+class _DeviceBatches:
+    """Training batches gathered from the training set held on the device as uint8: no DataLoader, no workers, no
+    copies; the images and flips of :class:`TrainingOrder`, converted as the loader converts them (``/ 255``, then
+    ``* 2 - 1``: the same float32 values)."""
+
+    def __init__(self, dm: ImageDataModule, images: Tensor, labels: Tensor | None, rank: int, world: int) -> None:
+        self.dm, self.images, self.labels, self.rank, self.world = dm, images, labels, rank, world
+
+    def __len__(self) -> int:
+        return self.dm.train_steps
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        dm, size, device = self.dm, self.dm.batch_size * self.world, self.images.device
+        start = max(dm.batches_drawn, dm.batches_trained)
+        for k in range(start, start + dm.train_steps):
+            dm.batches_drawn = k + 1
+            mine = slice(self.rank, None, self.world)
+            idx = dm.order.indices(k, size)[mine].to(device, non_blocking=True)
+            x = self.images[idx].float().div_(255).mul_(2).sub_(1)  # (B, C, H, W) in [-1, 1]
+            if dm.order.hflip:
+                flip = dm.order.flips(k, size)[mine].to(device, non_blocking=True)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            batch = {"x1": x}
+            if self.labels is not None:
+                batch["y"] = self.labels[idx]
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:  # the position lives in the datamodule's state (checkpoints)
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -65,8 +177,11 @@ class ImageDataModule(L.LightningDataModule):
         steps_per_epoch: training batches between validation rounds (drawn without replacement, passing
             over the data again as needed); ``None``: one pass over the training split.
         batch_size, num_workers, pin_memory, persistent_workers: the DataLoader's.
+        on_device: keep the training set on the training device as uint8 and gather batches (and flips) there, with
+            no DataLoader: ``True``, ``False``, or ``None`` (default): on a GPU when it takes at most
+            ``on_device_max_mb`` (MNIST: 47 MB, CIFAR-10: 154 MB). The batches are those of the loader.
         verify_md5: check CIFAR-10's files against torchvision's checksums.
-        seed: the hold-out split and the reference subsets.
+        seed: the hold-out split, the training order and the reference subsets.
     """
 
     kind = "image"
@@ -90,6 +205,8 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        on_device: bool | None = None,
+        on_device_max_mb: float = 2048,
         verify_md5: bool = True,
         seed: int = 0,
     ) -> None:
@@ -103,12 +220,17 @@ class ImageDataModule(L.LightningDataModule):
         self.name = dataset
         self.root = Path(root).expanduser()
         self.image_size, self.pad = image_size, pad
-        self.augmentation = [T.RandomHorizontalFlip()] if hflip else []  # training only
+        self.hflip = hflip
         self.labels = labels
         self.val_fraction, self.n_val, self.steps_per_epoch = val_fraction, n_val, steps_per_epoch
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.on_device, self.on_device_max_mb = on_device, on_device_max_mb
         self.seed = seed
+        self.batches_drawn = 0  # training batches drawn so far (Lightning fetches ahead of training)
+        self.batches_trained = 0  # ... and handed to a training step (what a checkpoint stores)
+        self.order: TrainingOrder | None = None
+        self.on_device_used: torch.device | None = None  # where the training set was put, if it was
         self.dataset = DATASETS[dataset](
             dataset,
             root=self.root,
@@ -144,34 +266,71 @@ class ImageDataModule(L.LightningDataModule):
         return self.dataset.split
 
     # ------------------------------------------------------------------ reading
-    def _read(self, train: bool, augmentation=()) -> Dataset:
-        """The split, its images prepared as configured, with ``augmentation`` (training batches only)."""
-        tf = image_transform(self.image_size, self.pad, self.dataset.convert, augmentation)
+    def _read(self, train: bool) -> Dataset:
+        """The split, its images prepared as configured."""
+        tf = image_transform(self.image_size, self.pad, self.dataset.convert)
         return self.dataset.read(train, tf)
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:
-            self._train = self._read(train=True, augmentation=self.augmentation)
+            self._train = self._read(train=True)
             self._val = self._read(train=False)
+            self.order = TrainingOrder(len(self._train), self.seed, self.hflip)
             rank_zero_info(
                 f"data={self.name}: {len(self._train)} training and {len(self._val)} validation images of shape "
                 f"{self.data_shape} ({self.split}; {min(self.n_val, len(self._val))} validate per round)"
             )
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+    @property
+    def train_steps(self) -> int:
+        """Training batches per epoch: ``steps_per_epoch``, or one pass over the training split."""
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
+        return max(1, len(self._train) // self.batch_size)
+
+    def _world(self) -> tuple[int, int, torch.device]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, torch.device("cpu")
+        return trainer.global_rank, trainer.world_size, trainer.strategy.root_device
+
+    def _place_on_device(self, device: torch.device) -> bool:
+        if self.on_device is not None:
+            return bool(self.on_device)
+        mb = len(self._train) * int(np.prod(self.data_shape)) / 2**20
+        return device.type == "cuda" and mb <= self.on_device_max_mb
+
+    def _device_batches(self, rank: int, world: int, device: torch.device) -> _DeviceBatches:
+        """Decode the training split once into ``(N, C, H, W)`` uint8 on ``device`` (time and size printed)."""
+        start = time.perf_counter()
+        loader = DataLoader(
+            self._train,
+            batch_size=1000,
+            num_workers=self.num_workers,
+            collate_fn=_Collate(self.labels),
+            generator=torch.Generator(),
+        )
+        images, labels = [], []
+        for b in loader:
+            images.append(to_uint8(b["x1"]))  # lossless: the prepared pixels are k / 255 * 2 - 1
+            labels.append(b.get("y"))
+        data = torch.cat(images).to(device)
+        y = torch.cat(labels).to(device) if self.labels else None
+        self.on_device_used = device
+        rank_zero_info(
+            f"data={self.name}: {len(data)} training images on {device} as uint8 ({data.numel() / 2**20:.0f} MB, "
+            f"{time.perf_counter() - start:.1f} s): batches are gathered there, without a DataLoader"
+        )
+        return _DeviceBatches(self, data, y, rank, world)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
         workers = self.num_workers
-        sampler = None
-        if shuffle:
-            g = torch.Generator().manual_seed(self.seed)
-            n = None if self.steps_per_epoch is None else self.steps_per_epoch * self.batch_size
-            sampler = RandomSampler(dataset, num_samples=n, generator=g)
-            drop_last = drop_last and len(sampler) >= self.batch_size  # a tiny dataset still gives a batch
-        return DataLoader(
+        return (DataLoader if sampler is None else _ResumableLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            drop_last=drop_last,
+            drop_last=False,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
@@ -179,14 +338,31 @@ class ImageDataModule(L.LightningDataModule):
             generator=seeded("loader workers", self.seed),  # workers' seeds, not from the training stream
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | _DeviceBatches:
+        """The training batches of :class:`TrainingOrder`: from the copy on the device (``on_device``) or through a
+        DataLoader."""
         self.setup()
-        return self._loader(self._train, shuffle=True, drop_last=True)
+        rank, world, device = self._world()
+        if self._place_on_device(device):
+            return self._device_batches(rank, world, device)
+        return self._loader(_Flippable(self._train), _OrderSampler(self, world))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
         n = min(self.n_val, len(self._val))
-        return self._loader(Subset(self._val, range(n)), shuffle=False, drop_last=False)
+        return self._loader(Subset(self._val, range(n)))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self.batches_trained += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the training order (the same on every rank), saved in checkpoints by Lightning."""
+        return {"batches_trained": self.batches_trained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_trained = int(state.get("batches_trained", 0))
 
     def real_images(self, n: int, split: str = "train", offset: int = 0) -> tuple[Tensor, Tensor]:
         """``n`` real images ``(n, C, H, W)`` in [-1, 1] (no augmentation) and their labels, from a fixed random

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -33,15 +33,13 @@ def image_transform(
     image_size: int | None,
     pad: int = 0,
     convert: Callable | None = None,
-    augmentation: Sequence[Callable] = (),
 ) -> T.Compose:
     """A file's PIL image -> ``(C, H, W)`` in [-1, 1]: ``convert`` (a colour conversion), a resize of the shorter
-    side to ``image_size`` and a centre crop (bilinear, antialiased; ``None`` keeps the size), the ``augmentation``
-    steps (PIL images in, PIL images out: training only), then ``pad`` pixels of black on each side."""
+    side to ``image_size`` and a centre crop (bilinear, antialiased; ``None`` keeps the size), then ``pad`` pixels
+    of black on each side. (Training flips are drawn per batch: :class:`flowdiff.data.images.TrainingOrder`.)"""
     steps: list = [] if convert is None else [convert]
     if image_size is not None:
         steps += [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
-    steps += list(augmentation)
     steps += [T.ToTensor(), T.Lambda(to_model)]
     if pad:
         steps.append(T.Pad(pad, fill=-1.0))
