@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from lightning.pytorch.callbacks import RichProgressBar
 
 from flowdiff.progress import LogLines
@@ -14,12 +16,17 @@ class StepProgressBar(RichProgressBar):
     (:func:`flowdiff.progress.progress`) show below it. Without ``max_steps`` it is Lightning's bar.
 
     Where the output is not a terminal (a log file: SLURM, nohup, CI), where rich draws the bar only when it stops,
-    it prints a line every ``log_every_s`` seconds instead: step, time spent and left, the training loss."""
+    it prints a line every ``log_every_s`` seconds instead: step, time spent and left, the training loss.
 
-    def __init__(self, *args, log_every_s: float = 60.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    The bar is redrawn ``refresh_rate`` times a second, not at every step: Lightning's bar updates its task and
+    metrics at each step and redraws from a thread at 100 Hz, which competes with training for the interpreter
+    (a sixth of a toy step's time on two CPU cores; docs/BENCHMARKS.md, "Framework overhead")."""
+
+    def __init__(self, *args, refresh_rate: int = 10, log_every_s: float = 60.0, **kwargs) -> None:
+        super().__init__(*args, refresh_rate=refresh_rate, **kwargs)
         self.log_every_s = log_every_s
         self._lines: LogLines | None = None
+        self._next_draw = 0.0
 
     def _by_steps(self, trainer) -> bool:
         return trainer.max_steps is not None and trainer.max_steps > 0
@@ -71,6 +78,10 @@ class StepProgressBar(RichProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._by_steps(trainer):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        now = time.monotonic()
+        if now < self._next_draw and trainer.global_step < trainer.max_steps:
+            return
+        self._next_draw = now + 1.0 / max(self.refresh_rate, 1)
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, trainer.global_step)
