@@ -128,7 +128,7 @@ def build_model(cfg: DictConfig, datamodule) -> FlowModel:
         guidance=guidance,
         sampler=sampler,
         source=source,
-        compile=bool(cfg.get("compile", False)),
+        compile=cfg.get("compile", False),
         channels_last=bool(cfg.get("channels_last", False)),
         autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
         data_moments=datamodule.data_moments,
@@ -183,7 +183,7 @@ def build_run(cfg: DictConfig) -> tuple[FlowModule, Any]:
     return module, datamodule
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compile: bool = False):
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compile: bool | str = False):
     """``(model, datamodule, config)``: the trained :class:`FlowModel` (its network's weights: the EMA average when
     EMA was on), rebuilt from a checkpoint alone, its data and its training config (in today's form, whatever
     flowdiff wrote it). ``compile`` replaces the training run's (sampling shapes differ; off by default)."""

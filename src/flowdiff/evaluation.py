@@ -73,7 +73,7 @@ def _sampler_name(train_cfg: DictConfig, sampler) -> str:
 
 def sample(cfg: DictConfig) -> dict:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    module, dm, train_cfg = load_checkpoint(cfg.ckpt, device, compile=bool(cfg.get("compile", False)))
+    module, dm, train_cfg = load_checkpoint(cfg.ckpt, device, compile=cfg.get("compile", False))
     sampler_cfg = resolve_sampler_config(train_cfg, cfg.sampler, explicit_sampler_keys())
     sampler = build_sampler(sampler_cfg, module.path)
     rules.check_model(dm, module.path, module.objective, sampler, module.guidance)
@@ -183,7 +183,8 @@ def _sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pat
     mcfg = cfg.get("metrics", {}) or {}
     fid_n = _fid_n(cfg, dm, n)
     y = sampling_labels(n, module.num_classes, cfg.label)
-    batch = int(mcfg.get("batch_size", 500))
+    batch = mcfg.get("batch_size")  # None: the largest that fits (sample_images)
+    batch = None if batch is None else int(batch)
     w = scale if scale is not None else getattr(module.guidance, "scale", None)
     what = f"sampling {n} images ({describe_sampler(sampler, w)})"
     x, nfe, seconds = _timed_sample(module, n, sampler, y, scale, int(cfg.seed), device, batch, what)

@@ -45,6 +45,25 @@ class VectorFields(NamedTuple):
     data: FieldFn | None
 
 
+def compiled(net: nn.Module, compile: bool | str) -> Callable:
+    """``net`` under ``torch.compile`` in mode ``compile`` (``True``: the default mode), or ``net`` itself when
+    ``compile`` is false. Shapes are taken as static (a new batch size compiles once more)."""
+    if compile is False or compile is None or compile == "false":
+        return net
+    mode = None if compile is True or compile == "true" else str(compile)
+    fn = torch.compile(net, mode=mode, dynamic=False)
+    if mode != "reduce-overhead":
+        return fn
+
+    def replayed(*args, **kwargs) -> Tensor:
+        # a CUDA graph's output lives in its memory pool until the next replay overwrites it; samplers keep
+        # evaluations across steps (Heun, multistep solvers), so each output is copied out
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args, **kwargs).clone()
+
+    return replayed
+
+
 class FlowModel(nn.Module):
     """``net`` trained with ``objective`` on ``path``; samples from the source through the path's fields.
 
@@ -59,7 +78,9 @@ class FlowModel(nn.Module):
         data_moments: ``() -> (mean, var)`` of the data per coordinate (called once, when first needed): sampling
             that starts at t0 > 0 (noise and score objectives) draws its start from the Gaussian with the moments
             of ``p_t0`` (:meth:`GaussianPath.source_at`).
-        compile: wrap the network in ``torch.compile``.
+        compile: wrap the network in ``torch.compile``: ``True`` (its default mode) or a mode, such as
+            ``"reduce-overhead"`` (CUDA graphs: one replay per network evaluation where shapes stay fixed, as in
+            fixed-step sampling and training) or ``"max-autotune"``.
         channels_last: keep image networks and their inputs in channels-last memory (faster convolutions on GPUs).
         autocast_dtype: run the network under autocast to this dtype when sampling on a GPU (the solver's state
             stays in the input's dtype); ``None``: no autocast.
@@ -75,7 +96,7 @@ class FlowModel(nn.Module):
         sampler: Sampler | None = None,
         source: SourceFn | None = None,
         data_moments: Callable[[], tuple[Tensor, Tensor]] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
@@ -94,7 +115,7 @@ class FlowModel(nn.Module):
         if self.channels_last:
             net.to(memory_format=torch.channels_last)
         # kept out of nn.Module registration so state dicts hold `net.*` only, compiled or not
-        self.__dict__["_forward"] = torch.compile(net) if compile else net
+        self.__dict__["_forward"] = compiled(net, compile)
 
     def __getstate__(self) -> dict[str, Any]:
         # copies (EMA deep-copies the LightningModule) leave out the data-moments callable: a method of the

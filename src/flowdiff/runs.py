@@ -122,6 +122,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if "val/kid" in metrics:
                 kid = {"kid": metrics["val/kid"], "kid_std": metrics.get("val/kid_std", math.nan)}
                 lines.append("val/" + kid_report(kid, floor, image_metrics.n, image_metrics.kid_subsets))
+            if "val/images_per_s" in metrics:
+                lines.append(f"val/FID samples drawn at {metrics['val/images_per_s']:.1f} images/s")
             if "val/class_acc" in metrics:
                 lines.append(
                     f"val/class_acc = {metrics['val/class_acc']:.3f} (classifier's labels of class-conditional samples)"

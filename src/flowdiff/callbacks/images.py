@@ -7,6 +7,7 @@ files are written by rank 0 only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from flowdiff.progress import Advance, progress
 from flowdiff.seeds import OFFSETS, stream_seed
 from flowdiff.utils import rank_share
 
+#: the first batch ``batch_size=None`` tries on a GPU (halved while it does not fit); on the CPU it is 500
+AUTO_BATCH_GPU, AUTO_BATCH_CPU = 4096, 500
+
 
 def sample_images(
     pl_module,
@@ -42,7 +46,7 @@ def sample_images(
     y: Tensor | None,
     scale: float | None,
     seed: int,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     sampler=None,
     start: int = 0,
     advance: Advance | None = None,
@@ -52,10 +56,15 @@ def sample_images(
 
     Image ``j`` starts from its own noise (seed ``stream_seed("images", seed, j)``), so a set is the same whatever
     the batch size and however DDP ranks share it (exactly so for ODE samplers; an SDE's noise is drawn per batch).
+    ``batch_size=None``: the largest batch that fits, from :data:`AUTO_BATCH_GPU` on a GPU, halved after an
+    out-of-memory error (the batch is then drawn again), :data:`AUTO_BATCH_CPU` on the CPU.
     ``advance(k)`` is told of progress in images, ``k`` at a time, within a batch as the network is evaluated."""
     sampler = sampler or pl_module.sampler
-    out, nfe = [], 0
-    for i in range(0, n, batch_size):
+    on_gpu = pl_module.device.type == "cuda"
+    auto = batch_size is None
+    batch_size = batch_size or (AUTO_BATCH_GPU if on_gpu else AUTO_BATCH_CPU)
+    out, nfe, i = [], 0, 0
+    while i < n:
         k = min(batch_size, n - i)
         first = start + i
         yy = None if y is None else y[i : i + k]
@@ -67,12 +76,23 @@ def sample_images(
         )
         g = torch.Generator().manual_seed(stream_seed("images/noise", seed, first))
         tick = _BatchProgress(advance, k, nfe or sampler.expected_nfe)
-        result = pl_module.sample(
-            k, sampler=sampler, y=yy, guidance_scale=scale, x0=x0, generator=g, on_evaluation=tick.evaluation
-        )
+        try:
+            result = pl_module.sample(
+                k, sampler=sampler, y=yy, guidance_scale=scale, x0=x0, generator=g, on_evaluation=tick.evaluation
+            )
+        except torch.cuda.OutOfMemoryError:
+            if not (auto and on_gpu and batch_size > 1):
+                raise
+            del x0
+            torch.cuda.empty_cache()
+            batch_size //= 2
+            if advance is not None and tick.told:
+                advance(-tick.told)  # the batch is drawn again, smaller
+            continue
         tick.done()
         out.append(result.x.float().cpu())
         nfe = result.nfe
+        i += k
     return torch.cat(out), nfe
 
 
@@ -230,7 +250,7 @@ class ImageMetrics(EveryNEpochs):
         classifier_path: str | None = None,
         guidance_scale: float | None = None,
         kid_subsets: int = 100,
-        batch_size: int = 500,
+        batch_size: int | None = None,
         seed: int = OFFSETS["fid samples"],
         every_n_epochs: int = 1,
         nfe: tuple[int, ...] = (),
@@ -331,13 +351,16 @@ class ImageMetrics(EveryNEpochs):
         count = mine.stop - mine.start
         shown = f"{count} of {self.n} on this rank" if world > 1 else f"{self.n}"
         what = f"FID/KID samples ({shown}; {describe_sampler(sampler, scale if num_classes else None)})"
+        began = time.perf_counter()
         with progress(what, count, trainer, enabled=rank == 0) as advance:
             images, nfe = sample_images(
                 pl_module, count, y, self.guidance_scale, self.seed, self.batch_size, sampler, mine.start, advance
             )
+        seconds = time.perf_counter() - began  # the images are on the CPU: the GPU has finished
         self.metric.update(images, real=False)
         out = self.metric.compute(n=self.n)
         out["nfe"] = nfe
+        out["images_per_s"] = world * count / seconds  # all ranks together
         if self.classifier is not None and y is not None:
             correct = (self.classifier.predict(images) == y).float().sum()
             total = torch.tensor(float(len(y)))
