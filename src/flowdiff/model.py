@@ -133,16 +133,16 @@ class FlowModel(nn.Module):
         self, batch: dict[str, Tensor], coupling: Coupling | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """The objective's loss on ``{"x1": data, "y": labels, "x0": source (optional)}``: a source draw (N(0, I)
-        unless the batch holds one), paired by ``coupling`` (as drawn if ``None``), times uniform on the range where
-        the target is finite, labels dropped for CFG in training mode."""
+        unless the batch holds one), paired by ``coupling`` (as drawn if ``None``), times from the objective's time
+        distribution on the range where the target is finite (uniform by default), labels dropped for CFG in
+        training mode."""
         z, y = batch["x1"], batch.get("y")
         x0 = batch.get("x0")
         if x0 is None:
             x0 = self.noise_like(z, generator)
         if coupling is not None:
             x0, z, y = coupling(x0, z, y, generator=cpu_generator(generator))  # its plan is a NumPy array
-        lo, hi = self.train_t_range
-        t = lo + (hi - lo) * torch.rand(z.shape[0], device=z.device, dtype=z.dtype, generator=generator)
+        t = self.objective.train_times(z.shape[0], self.train_t_range, z.device, z.dtype, generator)
         if self.channels_last:
             z, x0 = z.contiguous(memory_format=torch.channels_last), x0.contiguous(memory_format=torch.channels_last)
         sample = self.path.sample(z, x0, t, generator=generator)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from flowdiff.paths.gaussian import PARAMETERISATIONS, PathSample
+from flowdiff.times import TimeDistribution, UniformTimes
 
 Weighting = Literal["none", "beta_sq"]
 
@@ -43,6 +44,8 @@ class Objective:
 
     ``weighting="beta_sq"`` multiplies the loss by ``beta_t^2`` (the denoising-score-matching
     weight that turns the score loss into the noise-prediction loss); ``"none"`` is plain MSE.
+    ``time_distribution`` says where training times are drawn (:mod:`flowdiff.times`; uniform if ``None``); the
+    weighting stays the objective's.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class Objective:
         train_margin: float = 1e-3,
         sample_margins: tuple[float, float] = (1e-3, 1e-3),
         margin: float | None = None,
+        time_distribution: TimeDistribution | None = None,
     ) -> None:
         if margin is not None:  # checkpoints written before the margins were split: one margin did all three jobs
             train_margin, sample_margins = margin, (margin, margin)
@@ -68,11 +72,13 @@ class Objective:
         self.weighting = weighting
         self.train_margin = float(train_margin)
         self.sample_margins: tuple[float, float] = sample_margins  # type: ignore[assignment]
+        self.time_distribution = time_distribution or UniformTimes()
 
     def __repr__(self) -> str:
         return (
             f"Objective(prediction={self.prediction!r}, weighting={self.weighting!r}, "
-            f"train_margin={self.train_margin}, sample_margins={self.sample_margins})"
+            f"train_margin={self.train_margin}, sample_margins={self.sample_margins}, "
+            f"time_distribution={self.time_distribution!r})"
         )
 
     def check_path(self, path) -> None:
@@ -85,6 +91,18 @@ class Objective:
     def train_time_range(self, path, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
         """Times drawn for training: where the target is finite."""
         return path.time_range(targets=[self.prediction], margins=self.train_margin, dtype=dtype)
+
+    def train_times(
+        self,
+        n: int,
+        t_range: tuple[float, float],
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``(n,)`` training times: the time distribution's draws mapped onto ``t_range`` (``train_time_range``)."""
+        lo, hi = t_range
+        return lo + (hi - lo) * self.time_distribution.draw(n, generator, device, dtype)
 
     def sample_time_range(
         self, path, stochastic: bool = False, dtype: torch.dtype = torch.float32, fields: tuple[str, ...] | None = None
