@@ -96,12 +96,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--modes", default="fp32,bf16,bf16_cl")
     parser.add_argument("--compile", action="store_true", help="also time bf16 + channels-last + compile (flowdiff)")
+    parser.add_argument("--nets", default="torchcfm,flowdiff", help="which nets: torchcfm, flowdiff or both")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     rows = {}
     nets = {"torchcfm UNetModelWrapper": torchcfm_unet, "flowdiff ADMUNet": ADMUNet}
+    nets = {k: v for k, v in nets.items() if k.split()[0] in args.nets.split(",")}
     for name, make in nets.items():
         for mode in args.modes.split(","):
             rows[f"{name} | {mode}"] = time_loop(make(), device, mode, args.batch, args.warmup, args.steps, False)

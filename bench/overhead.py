@@ -11,130 +11,224 @@ Written for any ``net(x, t, y)`` and data shape, so the image UNet can join.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import lightning as L
 import torch
-from common import QUIET, compose, markdown_table, median_ms, save_json
+from common import ROOT, compose, markdown_table, median_ms, save_json
+from hydra.utils import instantiate
 
-from flowdiff.build import build_datamodule, build_loggers, build_model, build_run
+from flowdiff.build import build_datamodule, build_model
 from flowdiff.couplings import MinibatchOTCoupling
-from flowdiff.nets import MLP
+
+# the two training workloads: what train.py runs by default, and lab 3's UNet (CPU: batch 64 at 28 x 28)
+WORKLOADS = {
+    "mlp": {"cpu": [], "cuda": ["trainer=gpu"]},
+    "unet": {
+        "cpu": ["experiment=lab3_mnist_cpu", f"data.root={ROOT.parent / 'shared' / 'data' / 'mnist-5k'}"],
+        "cuda": ["experiment=lab3_mnist", "trainer=gpu", f"data.root={ROOT.parent / 'shared' / 'data' / 'mnist-5k'}"],
+    },
+}
+# image evaluation (FID, grids) runs after the timed steps and is not what is measured: off for the UNet's runs
+NO_IMAGE_EVAL = ["callbacks.image_metrics=null", "callbacks.grid=null"]
 
 
-class StepTimer(L.Callback):
-    """Wall time of the training steps after ``skip`` warm-up steps."""
+def workload_overrides(name: str, device: str, steps: int, skip: int, mnist: str | None = None) -> list[str]:
+    over = list(WORKLOADS[name][device])
+    if mnist:
+        over = [o if not o.startswith("data.root=") else f"data.root={mnist}" for o in over]
+    over += [f"trainer.max_steps={steps}", f"data.steps_per_epoch={steps + 10}", f"callbacks.throughput.skip={skip}"]
+    return over + (NO_IMAGE_EVAL if name == "unet" else [])
+
+
+class Segments(L.Callback):
+    """Wall time between Lightning's hooks in each training step after ``skip``: the step's breakdown. On a GPU each
+    hook synchronises, so the segments add up to more than an unsynchronised step."""
+
+    NAMES = {
+        "on_train_batch_start": "after the last step: batch end hooks, data, loop (then fetch + transfer)",
+        "on_before_zero_grad": "optimizer_step wrappers + training_step (loss, forward)",
+        "on_before_backward": "zero_grad",
+        "on_after_backward": "backward",
+        "on_before_optimizer_step": "after backward: Lightning's hooks",
+        "on_train_batch_end": "gradient clipping (if set), optimizer math, Lightning's step bookkeeping",
+    }
 
     def __init__(self, skip: int, sync) -> None:
-        self.skip, self.sync = skip, sync
-        self.start = self.seconds = None
-        self.steps = 0
+        self.skip, self.sync, self.t, self.steps, self.last = skip, sync, {}, 0, None
+        for hook in self.NAMES:
+            setattr(self, hook, self._marker(hook))
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.skip:
+    def _marker(self, hook):
+        def mark(trainer, *args, **kwargs):
             self.sync()
-            self.start = time.perf_counter()
+            now = time.perf_counter()
+            if self.last is not None and trainer.global_step >= self.skip:
+                self.t[hook] = self.t.get(hook, 0.0) + now - self.last
+                self.steps += hook == "on_train_batch_start"
+            self.last = now
 
-    def on_train_end(self, trainer, pl_module):
-        self.sync()
-        self.seconds = time.perf_counter() - self.start
-        self.steps = trainer.global_step - self.skip
+        return mark
 
-
-def lightning_steps_per_s(steps: int, skip: int, device: str, compile_: bool, tmp: str) -> float:
-    """train.py's path: FlowModule, Lightning Trainer, CSV logging every 50 steps, fresh toy batches."""
-    trainer_group = "gpu" if device == "cuda" else "cpu"
-    cfg = compose(
-        [
-            "data=moons",
-            f"trainer={trainer_group}",
-            f"trainer.max_steps={steps}",
-            f"data.steps_per_epoch={steps}",
-            f"compile={str(compile_).lower()}",
-            *QUIET,
-            "logger=csv",
-            "trainer.log_every_n_steps=50",
-        ],
-        tmp,
-    )
-    L.seed_everything(0, verbose=False)
-    module, dm = build_run(cfg)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    timer = StepTimer(skip, sync)
-    from hydra.utils import instantiate
-
-    trainer = instantiate(cfg.trainer, callbacks=[timer], logger=build_loggers(cfg), enable_model_summary=False)
-    trainer.fit(module, datamodule=dm)
-    return timer.steps / timer.seconds
+    def ms(self) -> dict[str, float]:
+        order = ["on_train_batch_start", *[k for k in self.NAMES if k != "on_train_batch_start"]]
+        return {self.NAMES[k]: 1000 * self.t[k] / max(self.steps, 1) for k in order if k in self.t}
 
 
-def raw_steps_per_s(steps: int, skip: int, device: str, compile_: bool) -> float:
-    """The same math by hand: CondOT path, velocity target, MSE, AdamW; same data module and batch size."""
-    cfg = compose(["data=moons", f"data.steps_per_epoch={steps}"])
+def default_run_ms(overrides: list[str], extra_callbacks=()) -> float:
+    """ms per training step of ``train.py <overrides>`` as a user starts it (default callbacks and CSV logger),
+    from its own ``throughput:`` measurement (validation excluded)."""
+    import contextlib
+    import io
+
+    import flowdiff.runs as runs
+
+    cfg = compose(overrides)
+    build = runs.build_callbacks
+    runs.build_callbacks = lambda *a, **k: [*extra_callbacks, *build(*a, **k)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            metrics = runs.train(cfg)
+    finally:
+        runs.build_callbacks = build
+    return metrics["perf/ms_per_step"]
+
+
+def raw_loop_ms(overrides: list[str], steps: int, skip: int, device: str) -> float:
+    """The same work by hand: the same network, data loader, batch, optimizer and EMA decay as the run; the CondOT
+    velocity loss written out (with CFG's label drop where the run has it); EMA by one fused lerp."""
+    cfg = compose(overrides)
     L.seed_everything(0, verbose=False)
     dm = build_datamodule(cfg)
-    net = MLP(dim=2, width=64, depth=3, activation="selu").to(device)
-    fwd = torch.compile(net) if compile_ else net
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-5)
+    model = build_model(cfg, dm)
+    net = model.net.to(device).train()
+    ema = copy.deepcopy(net)
+    avg, cur = list(ema.parameters()), list(net.parameters())
+    decay = float(cfg.callbacks.ema.decay)
+    opt = instantiate(cfg.optimizer)(list(net.parameters()))
+    cfg_drop = model.guidance
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    batches = iter(dm.train_dataloader())
+    if hasattr(dm, "_place_on_device"):  # images: the same data path as train.py on this device
+        dm.setup()
+        on_device = dm._place_on_device(torch.device(device))
+        batches = iter(dm._device_batches(0, 1, torch.device(device)) if on_device else dm.train_dataloader())
+    else:
+        batches = iter(dm.train_dataloader())
     start = None
     for step in range(steps):
         if step == skip:
             sync()
             start = time.perf_counter()
-        z = next(batches)["x1"].to(device, non_blocking=True)
+        batch = next(batches)
+        z = batch["x1"].to(device, non_blocking=True)
         x0 = torch.randn_like(z)
         t = torch.rand(z.shape[0], device=device)
-        xt = t[:, None] * z + (1 - t[:, None]) * x0
-        loss = (fwd(xt, t) - (z - x0)).pow(2).mean()
+        tb = t.view(-1, *[1] * (z.dim() - 1))
+        xt = tb * z + (1 - tb) * x0
+        if cfg_drop is not None:
+            y = batch["y"].to(device, non_blocking=True)
+            y = torch.where(torch.rand(y.shape, device=device) < cfg_drop.p_uncond, cfg_drop.null_label, y)
+            pred = net(xt, t, y)
+        else:
+            pred = net(xt, t)
+        loss = (pred - (z - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(avg, cur, 1.0 - decay)
     sync()
-    return (steps - skip) / (time.perf_counter() - start)
+    return 1000 * (time.perf_counter() - start) / (steps - skip)
+
+
+def training_rows(
+    name: str, device: str, steps: int, skip: int, repeats: int, mnist: str | None, ablate: bool = True
+) -> dict:
+    """Interleaved repeats of the default run and the raw loop; the default run's step broken down by hooks, and
+    (``ablate``) by removing one callback or the logger at a time."""
+    over = workload_overrides(name, device, steps, skip, mnist)
+    lit, raw = [], []
+    for _ in range(repeats):
+        lit.append(default_run_ms(over))
+        raw.append(raw_loop_ms(over, steps, skip, device))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    seg = Segments(skip, sync)
+    default_run_ms(over, [seg])
+    without = {
+        "progress bar": ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false"],
+        "EMA": ["callbacks.ema=null"],
+        "CSV logger": ["logger=[]"],
+        "checkpoint callbacks (3)": [f"callbacks.{c}=null" for c in ("checkpoint", "last_checkpoint", "on_signal")],
+    }
+    ablations = {}
+    for what, extra in without.items() if ablate else ():
+        ablations[what] = statistics.median(default_run_ms(over + extra) for _ in range(max(1, repeats)))
+    return {
+        "default_ms": lit,
+        "raw_ms": raw,
+        "ratio": statistics.median(raw) / statistics.median(lit),
+        "segments_ms": seg.ms(),
+        "without_ms": ablations,
+    }
+
+
+def paired_ms(fa, fb, repeats: int = 7, sync=lambda: None) -> tuple[float, float]:
+    """Medians of ``fa`` and ``fb`` timed alternately (after a warm-up of each), in ms: noise hits both alike."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, out in ((fa, ta), (fb, tb)):
+            sync()
+            start = time.perf_counter()
+            f()
+            sync()
+            out.append(1000 * (time.perf_counter() - start))
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--compile", action="store_true", help="the sampling rows with torch.compile too")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of the MLP runs")
+    p.add_argument("--unet-steps", type=int, default=None, help="of the UNet runs (CPU 30, GPU 300; 0: none)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n-sample", type=int, default=10000)
-    p.add_argument("--tmp", default="/tmp/flowdiff-bench-overhead")
+    p.add_argument("--mnist", default=None, help="MNIST's root for the UNet (default ../shared/data/mnist-5k)")
+    p.add_argument("--tmp", default=None, help="unused (every run has its own temporary folder)")
     args = p.parse_args(argv)
     dev = args.device
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    skip = min(200, args.steps // 5)
+    unet_steps = args.unet_steps if args.unet_steps is not None else (300 if dev == "cuda" else 30)
 
-    # 1. training throughput, interleaved repeats
-    lit, raw = [], []
-    for _ in range(args.repeats):
-        lit.append(lightning_steps_per_s(args.steps, skip, dev, args.compile, args.tmp))
-        raw.append(raw_steps_per_s(args.steps, skip, dev, args.compile))
-    lit_m, raw_m = statistics.median(lit), statistics.median(raw)
+    # 1. training: the default run against a raw loop of the same work, per workload
+    training = {"mlp": training_rows("mlp", dev, args.steps, min(200, args.steps // 5), args.repeats, None)}
+    if unet_steps:
+        skip = max(1, unet_steps // 6)
+        training["unet"] = training_rows("unet", dev, unet_steps, skip, args.repeats, args.mnist, ablate=False)
 
-    # 2. sampling against NFE x one bare forward
-    cfg = compose(
-        ["data=moons", "sampler=euler", "sampler.steps=100", f"compile={str(args.compile).lower()}"], args.tmp
-    )
-    module = build_model(cfg, build_datamodule(cfg)).to(dev).eval()
-    n = args.n_sample
-    x = torch.randn(n, 2, device=dev)
-    t = torch.rand(n, device=dev)
+    # 2. sampling against NFE x one bare forward (of the same network: compiled when sampling is)
+    sampling = {}
+    modes = [False, True] + (["reduce-overhead"] if dev == "cuda" else []) if args.compile else [False]
+    for compiled in modes:  # reduce-overhead: CUDA graphs
+        cfg = compose(["data=moons", "sampler=euler", "sampler.steps=100", f"compile={str(compiled).lower()}"])
+        module = build_model(cfg, build_datamodule(cfg)).to(dev).eval()
+        n = args.n_sample
+        x = torch.randn(n, 2, device=dev)
+        t = torch.rand(n, device=dev)
 
-    def bare():
-        with torch.no_grad():
-            for _ in range(100):
-                module.net(x, t)
+        def bare(module=module, x=x, t=t):
+            with torch.no_grad():
+                for _ in range(100):
+                    module._forward(x, t)
 
-    sample_ms = median_ms(lambda: module.sample(n), sync=sync)
-    bare_ms = median_ms(bare, sync=sync)
+        sampling[compiled] = paired_ms(lambda module=module, n=n: module.sample(n), bare, sync=sync)
+    sample_ms, bare_ms = sampling[False]
 
     # 3. CFG: one doubled forward against two forwards
-    cfg_c = compose(["data=8gaussians", "guidance=cfg", f"compile={str(args.compile).lower()}"], args.tmp)
+    cfg_c = compose(["data=8gaussians", "guidance=cfg"])
     cmod = build_model(cfg_c, build_datamodule(cfg_c)).to(dev).eval()
     y = torch.randint(0, 8, (n,), device=dev)
     null = torch.full_like(y, 8)
@@ -163,19 +257,16 @@ def main(argv=None):
         rows_ot.append(["torchcfm OTPlanSampler(exact).sample_plan", f"{theirs:.2f}"])
     except ImportError:
         theirs = None
-    icfm_step_ms = 1000 / raw_m
+    icfm_step_ms = statistics.median(training["mlp"]["raw_ms"])
     rows_ot.append(["one I-CFM training step (raw loop, for scale)", f"{icfm_step_ms:.2f}"])
 
     results = {
         "device": dev,
-        "compile": args.compile,
         "steps": args.steps,
+        "unet_steps": unet_steps,
         "repeats": args.repeats,
-        "lightning_steps_per_s": lit,
-        "raw_steps_per_s": raw,
-        "train_ratio": lit_m / raw_m,
-        "sample_ms": sample_ms,
-        "bare_100_forwards_ms": bare_ms,
+        "training": training,
+        "sampling_ms": {str(k): v for k, v in sampling.items()},
         "sample_ratio": sample_ms / bare_ms,
         "cfg_doubled_ms": doubled_ms,
         "cfg_two_forwards_ms": twice_ms,
@@ -186,18 +277,34 @@ def main(argv=None):
     tag = f"{dev}{'_compile' if args.compile else ''}"
     save_json(f"overhead_{tag}", results)
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (2 cores)"
-    rows = [
-        ["training steps/s, train.py path (Lightning, CSV logging)", f"{lit_m:.0f}", ""],
-        ["training steps/s, raw PyTorch loop", f"{raw_m:.0f}", ""],
-        ["ratio Lightning / raw (target >= 0.95)", f"{lit_m / raw_m:.3f}", ""],
-        [f"sampling {n} points, Euler 100 steps (ms)", f"{sample_ms:.1f}", ""],
-        ["100 bare forwards (ms)", f"{bare_ms:.1f}", ""],
-        ["ratio sampling / bare (target <= 1.05)", f"{sample_ms / bare_ms:.3f}", ""],
-        ["CFG one doubled forward (ms)", f"{doubled_ms:.3f}", ""],
-        ["CFG two forwards (ms)", f"{twice_ms:.3f}", ""],
-    ]
-    out = f"**{name}, compile={args.compile}**, MLP 3 x 64, batch 256 (training), medians of {args.repeats} repeats\n\n"
-    out += markdown_table(["quantity", "value", ""], rows)
+    what = {"mlp": "MLP 3 x 64, batch 256 (train.py's default)", "unet": "lab-3 UNet"}
+    rows = []
+    for w, r in training.items():
+        lit_m, raw_m = statistics.median(r["default_ms"]), statistics.median(r["raw_ms"])
+        rows += [
+            [f"{what[w]}: train.py default run, ms/step", f"{lit_m:.2f}"],
+            [f"{what[w]}: raw loop, same work, ms/step", f"{raw_m:.2f}"],
+            [f"{what[w]}: ratio raw / train.py (steps/s of train.py over the raw loop's)", f"**{r['ratio']:.3f}**"],
+        ]
+    for compiled, (s_ms, b_ms) in sampling.items():
+        c = {False: "", True: ", compiled"}.get(compiled, f", compiled ({compiled})")
+        rows += [
+            [f"sampling {args.n_sample} points, Euler 100 steps{c} (ms)", f"{s_ms:.1f}"],
+            [f"100 bare forwards{c} (ms)", f"{b_ms:.1f}"],
+            [f"ratio sampling / bare{c} (target <= 1.05)", f"**{s_ms / b_ms:.3f}**"],
+        ]
+    rows += [["CFG one doubled forward (ms)", f"{doubled_ms:.3f}"], ["CFG two forwards (ms)", f"{twice_ms:.3f}"]]
+    out = f"**{name}**, medians of {args.repeats} interleaved repeats\n\n"
+    out += markdown_table(["quantity", "value"], rows)
+    for w, r in training.items():
+        lit_m = statistics.median(r["default_ms"])
+        seg = [[k, f"{v:.3f}"] for k, v in r["segments_ms"].items()]
+        out += f"\n\n{what[w]}: one default step ({lit_m:.2f} ms) between Lightning's hooks (one run)\n\n"
+        out += markdown_table(["segment", "ms per step"], seg)
+        if r["without_ms"]:
+            abl = [[k, f"{v:.2f}", f"{lit_m - v:+.2f}"] for k, v in r["without_ms"].items()]
+            out += f"\n\n{what[w]}: the default run without one part (medians of {args.repeats})\n\n"
+            out += markdown_table(["without", "ms/step", "the part costs"], abl)
     out += "\n\n" + markdown_table(["minibatch OT at batch 256", "ms per call"], rows_ot)
     return out
 
