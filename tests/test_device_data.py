@@ -48,6 +48,38 @@ def test_device_batches_equal_loader_batches(cifar, workers):
         assert torch.equal(x["x1"], y["x1"])
 
 
+def test_ddp_ranks_share_each_batch_alike_on_both_paths(cifar):
+    """Under DDP (2 ranks) rank r's batch k is the r-th of every 2 positions of the global batch k, read through the
+    DataLoader (whose sampler Lightning leaves alone: it is a DistributedSampler) or gathered on the device; the
+    two ranks' batches together are the global batch."""
+    from torch.utils.data import DistributedSampler
+
+    from flowdiff.data.images import _DeviceBatches, _Flippable, _OrderSampler
+
+    kw = dict(verify_md5=False, batch_size=3, steps_per_epoch=4, hflip=True, seed=2, num_workers=0)
+    dm = ImageDataModule("cifar10", str(cifar), on_device=False, **kw)
+    dm.setup()
+    images = torch.stack([dm._train[i][0] for i in range(len(dm._train))])
+    u8 = ((images + 1) / 2 * 255).round().to(torch.uint8)
+    shares = []
+    for rank in (0, 1):
+        sampler = _OrderSampler(dm, rank, 2)
+        assert isinstance(sampler, DistributedSampler)
+        dm.batches_drawn = 0
+        loader = _batches(dm._loader(_Flippable(dm._train), sampler), 4)
+        dm.batches_drawn = 0
+        device = _batches(_DeviceBatches(dm, u8, None, rank, 2), 4)
+        for a, b in zip(loader, device):
+            assert torch.equal(a["x1"], b["x1"])
+        shares.append(loader)
+    for k in range(4):
+        glob = dm.order.indices(k, 6)
+        x = torch.stack([shares[0][k]["x1"][0], shares[1][k]["x1"][0]])  # positions 0 and 1 of global batch k
+        flips = dm.order.flips(k, 6)
+        expect = torch.stack([images[glob[i]].flip(-1) if flips[i] else images[glob[i]] for i in (0, 1)])
+        assert torch.equal(x, expect)
+
+
 def test_each_pass_shows_every_image_once(cifar):
     dm = ImageDataModule("cifar10", str(cifar), verify_md5=False, batch_size=5, num_workers=0, on_device=True)
     dm.setup()
@@ -56,10 +88,11 @@ def test_each_pass_shows_every_image_once(cifar):
     assert not torch.equal(idx[:20], idx[20:])  # each pass in its own order
 
 
-@pytest.mark.parametrize("on_device", [True, False])
-def test_image_runs_resume_bit_for_bit(tmp_path, on_device):
-    """6 steps straight equal 4 steps, a stop, and 2 more, mid-epoch (3 batches an epoch): the weights and the
-    datamodule's position, with the training set on the device and through the DataLoader."""
+@pytest.mark.parametrize("on_device, workers", [(True, 0), (False, 1)])
+def test_image_runs_resume_bit_for_bit(tmp_path, on_device, workers):
+    """7 steps straight equal 4 steps, a stop, and 3 more: resumed mid-epoch (3 batches an epoch) and carried over
+    the next epoch's start, where a loader worker had read past the end: the weights and the datamodule's
+    position, with the training set on the device and through a DataLoader with a worker process."""
     tiny_mnist(tmp_path / "data", n_train=40, n_test=16)
     base = [
         "data=mnist",
@@ -72,14 +105,16 @@ def test_image_runs_resume_bit_for_bit(tmp_path, on_device):
         "callbacks.image_metrics=null",
         "callbacks.checkpoint=null",
         "trainer.check_val_every_n_epoch=100",
+        f"data.num_workers={workers}",
+        "data.persistent_workers=false",
     ]
-    straight = fit(compose_cfg([*base, "trainer.max_steps=6"], tmp_path / "a"))
+    straight = fit(compose_cfg([*base, "trainer.max_steps=7"], tmp_path / "a"))
     periodic = ["callbacks.last_checkpoint.every_n_train_steps=4", "trainer.max_steps=5"]
     fit(compose_cfg([*base, *periodic], tmp_path / "b"))
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 4
-    resumed = fit(compose_cfg([*base, "trainer.max_steps=6", f"ckpt_path={last}"], tmp_path / "c"))
-    assert resumed[1].batches_trained == straight[1].batches_trained == 6
+    resumed = fit(compose_cfg([*base, "trainer.max_steps=7", f"ckpt_path={last}"], tmp_path / "c"))
+    assert resumed[1].batches_trained == straight[1].batches_trained == 7
     assert (resumed[1].on_device_used is not None) == on_device
     a, b = straight[0].state_dict(), resumed[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -117,10 +117,14 @@ def sample(cfg: DictConfig) -> dict:
 def _timed_sample(module, n, sampler, y, scale, seed: int, device: str, batch_size: int, what: str | None = None):
     """``n`` samples, their NFE and seconds; ``what`` names a progress bar over them (none for quick 2D draws)."""
     start = time.perf_counter()
+    timings: list[tuple[int, float]] = []
     with progress(what or "", n if what else 0) as advance:
-        x, nfe = sample_images(module, n, y, scale, seed, batch_size, sampler=sampler, advance=advance)
+        x, nfe = sample_images(module, n, y, scale, seed, batch_size, sampler=sampler, advance=advance, timings=timings)
     if device != "cpu":
         torch.cuda.synchronize()
+    if len(timings) > 1 and what:  # the first batch pays for compilation and autotuning
+        rest = timings[1:]
+        print(f"after the first batch: {sum(k for k, _ in rest) / sum(s for _, s in rest):.1f} images/s")
     return x, nfe, time.perf_counter() - start
 
 

@@ -47,13 +47,15 @@ class VectorFields(NamedTuple):
 
 def compiled(net: nn.Module, compile: bool | str) -> Callable:
     """``net`` under ``torch.compile`` in mode ``compile`` (``True``: the default mode), or ``net`` itself when
-    ``compile`` is false. Shapes are taken as static (a new batch size compiles once more)."""
-    if compile is False or compile is None or compile == "false":
+    ``compile`` is false. ``reduce-overhead`` takes shapes as static (CUDA graphs: a new batch size captures once
+    more); the other modes let torch.compile generalise over batch sizes."""
+    text = str(compile).strip().lower()
+    if text in ("false", "0", "none", "no", "off", ""):
         return net
-    mode = None if compile is True or compile == "true" else str(compile)
-    fn = torch.compile(net, mode=mode, dynamic=False)
+    mode = None if text in ("true", "1", "yes", "on", "default") else str(compile)
     if mode != "reduce-overhead":
-        return fn
+        return torch.compile(net, mode=mode)
+    fn = torch.compile(net, mode=mode, dynamic=False)
 
     def replayed(*args, **kwargs) -> Tensor:
         # a CUDA graph's output lives in its memory pool until the next replay overwrites it; samplers keep

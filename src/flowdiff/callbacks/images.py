@@ -50,6 +50,7 @@ def sample_images(
     sampler=None,
     start: int = 0,
     advance: Advance | None = None,
+    timings: list[tuple[int, float]] | None = None,
 ) -> tuple[Tensor, int]:
     """Images ``start .. start + n - 1`` of the set ``seed``, in [-1, 1] on the CPU, and the NFE of one batch
     (``sampler=None``: the module's).
@@ -58,11 +59,13 @@ def sample_images(
     the batch size and however DDP ranks share it (exactly so for ODE samplers; an SDE's noise is drawn per batch).
     ``batch_size=None``: the largest batch that fits, from :data:`AUTO_BATCH_GPU` on a GPU, halved after an
     out-of-memory error (the batch is then drawn again), :data:`AUTO_BATCH_CPU` on the CPU.
-    ``advance(k)`` is told of progress in images, ``k`` at a time, within a batch as the network is evaluated."""
+    ``advance(k)`` is told of progress in images, ``k`` at a time, within a batch as the network is evaluated;
+    ``timings`` receives ``(images, seconds)`` of each batch (the first one pays for compilation)."""
     sampler = sampler or pl_module.sampler
     on_gpu = pl_module.device.type == "cuda"
     auto = batch_size is None
-    batch_size = batch_size or (AUTO_BATCH_GPU if on_gpu else AUTO_BATCH_CPU)
+    if auto:  # the size found to fit before, on this model
+        batch_size = getattr(pl_module, "_fitting_batch", None) or (AUTO_BATCH_GPU if on_gpu else AUTO_BATCH_CPU)
     out, nfe, i = [], 0, 0
     while i < n:
         k = min(batch_size, n - i)
@@ -76,21 +79,28 @@ def sample_images(
         )
         g = torch.Generator().manual_seed(stream_seed("images/noise", seed, first))
         tick = _BatchProgress(advance, k, nfe or sampler.expected_nfe)
+        began = time.perf_counter()
         try:
             result = pl_module.sample(
                 k, sampler=sampler, y=yy, guidance_scale=scale, x0=x0, generator=g, on_evaluation=tick.evaluation
             )
         except torch.cuda.OutOfMemoryError:
-            if not (auto and on_gpu and batch_size > 1):
+            if not (auto and k > 1):
                 raise
+            result = None
+        if result is None:  # out of memory: this batch again, half as large (outside the except: memory is freed)
             del x0
-            torch.cuda.empty_cache()
-            batch_size //= 2
+            if on_gpu:
+                torch.cuda.empty_cache()
+            batch_size = max(1, k // 2)
+            pl_module.__dict__["_fitting_batch"] = batch_size
             if advance is not None and tick.told:
-                advance(-tick.told)  # the batch is drawn again, smaller
+                advance(-tick.told)
             continue
         tick.done()
-        out.append(result.x.float().cpu())
+        out.append(result.x.float().cpu())  # waits for the device
+        if timings is not None:
+            timings.append((k, time.perf_counter() - began))
         nfe = result.nfe
         i += k
     return torch.cat(out), nfe

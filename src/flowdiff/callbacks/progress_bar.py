@@ -45,7 +45,10 @@ class StepProgressBar(RichProgressBar):
             self._lines = LogLines("training", trainer.max_steps, self.log_every_s, "steps", loss, trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self._by_steps(trainer) and not self.is_disabled and self.train_progress_bar_id is not None:
+            self._update(self.train_progress_bar_id, trainer.global_step)  # a run that stopped early: its last step
         if self._lines is not None:
+            self._lines.update(trainer.global_step)
             self._lines.close()
             self._lines = None
 

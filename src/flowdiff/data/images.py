@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from flowdiff.data.datamodule import _ResumableLoader
 from flowdiff.data.datasets import DATASETS
@@ -106,23 +106,34 @@ class _Flippable(Dataset):
         return (image.flip(-1) if flip else image), label
 
 
-class _OrderSampler(Sampler):
-    """The DataLoader's side of :class:`TrainingOrder`: ``(index, flip)`` for the ``steps_per_epoch`` batches from
-    the first one not yet trained on (a batch of ``batch_size x world_size`` positions: under DDP Lightning hands
-    each rank its share, every ``world_size``-th)."""
+def _first_batch(dm: ImageDataModule) -> int:
+    """Where an epoch starts in the training order: the first batch not yet trained on. Inside a run Lightning asks
+    for an epoch's iterator when the previous epoch is trained, however far its workers had read ahead (after a
+    mid-epoch resume they read past the epoch's end); outside one, epochs follow the batches already drawn."""
+    if dm.trainer is not None:
+        return dm.batches_trained
+    return max(dm.batches_drawn, dm.batches_trained)
 
-    def __init__(self, dm: ImageDataModule, world: int) -> None:
-        self.dm, self.world = dm, world
+
+class _OrderSampler(DistributedSampler):
+    """The DataLoader's side of :class:`TrainingOrder`: this rank's ``(index, flip)`` pairs of the
+    ``steps_per_epoch`` batches from the first one not yet trained on. Batch ``k`` of the run holds positions
+    ``[k B W, (k + 1) B W)`` of the order; rank ``r`` takes every ``W``-th from the ``r``-th, as the device path
+    does. A ``DistributedSampler``, so that Lightning does not wrap (and reshuffle) it under DDP."""
+
+    def __init__(self, dm: ImageDataModule, rank: int, world: int) -> None:  # noqa: D107 (no process group needed)
+        self.dm, self.rank, self.world = dm, rank, world
+        self.epoch = 0
 
     def __len__(self) -> int:
-        return self.dm.train_steps * self.dm.batch_size * self.world
+        return self.dm.train_steps * self.dm.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, bool]]:
-        dm, size = self.dm, self.dm.batch_size * self.world
-        start = max(dm.batches_drawn, dm.batches_trained)
+        dm, size, mine = self.dm, self.dm.batch_size * self.world, slice(self.rank, None, self.world)
+        start = _first_batch(dm)
         for k in range(start, start + dm.train_steps):
             dm.batches_drawn = k + 1
-            yield from zip(dm.order.indices(k, size).tolist(), dm.order.flips(k, size).tolist())
+            yield from zip(dm.order.indices(k, size)[mine].tolist(), dm.order.flips(k, size)[mine].tolist())
 
 
 class _DeviceBatches:
@@ -138,7 +149,7 @@ class _DeviceBatches:
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         dm, size, device = self.dm, self.dm.batch_size * self.world, self.images.device
-        start = max(dm.batches_drawn, dm.batches_trained)
+        start = _first_batch(dm)
         for k in range(start, start + dm.train_steps):
             dm.batches_drawn = k + 1
             mine = slice(self.rank, None, self.world)
@@ -287,7 +298,7 @@ class ImageDataModule(L.LightningDataModule):
         """Training batches per epoch: ``steps_per_epoch``, or one pass over the training split."""
         if self.steps_per_epoch is not None:
             return self.steps_per_epoch
-        return max(1, len(self._train) // self.batch_size)
+        return max(1, len(self._train) // (self.batch_size * self._world()[1]))  # one pass over all ranks
 
     def _world(self) -> tuple[int, int, torch.device]:
         trainer = self.trainer
@@ -345,7 +356,7 @@ class ImageDataModule(L.LightningDataModule):
         rank, world, device = self._world()
         if self._place_on_device(device):
             return self._device_batches(rank, world, device)
-        return self._loader(_Flippable(self._train), _OrderSampler(self, world))
+        return self._loader(_Flippable(self._train), _OrderSampler(self, rank, world))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
