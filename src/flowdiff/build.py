@@ -32,6 +32,7 @@ from flowdiff.configs import multirun
 from flowdiff.errors import ConfigError, DataError, SettingError
 from flowdiff.model import FlowModel
 from flowdiff.module import FlowModule
+from flowdiff.policies.rollout import PolicyRollout
 
 
 def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
@@ -82,10 +83,12 @@ def build_datamodule(cfg: DictConfig):
         raise
 
 
-def build_net(cfg: DictConfig, data_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
-    """``cfg.net`` for data of ``data_shape``; a net that does not fit the data is one sentence."""
+def build_net(cfg: DictConfig, data_shape: tuple[int, ...], num_classes: int, context_dim: int = 0) -> torch.nn.Module:
+    """``cfg.net`` for data of ``data_shape`` (and a context of ``context_dim``, policies' observations); a net that
+    does not fit the data is one sentence."""
+    extra = {"context_dim": context_dim} if context_dim else {}
     try:
-        return instantiate(cfg.net, data_shape=list(data_shape), num_classes=num_classes)
+        return instantiate(cfg.net, data_shape=list(data_shape), num_classes=num_classes, **extra)
     except InstantiationException as err:
         cause = err.__cause__ or err
         if isinstance(cause, ValueError):
@@ -114,7 +117,8 @@ def build_model(cfg: DictConfig, datamodule) -> FlowModel:
     path = build(cfg.path, "path", gaussian_source=datamodule.gaussian_source)
     objective = build(cfg.objective, "objective")
     guided = "_target_" in cfg.guidance
-    net = build_net(cfg, datamodule.data_shape, datamodule.num_classes if guided else 0)
+    context_dim = getattr(datamodule, "context_dim", 0)
+    net = build_net(cfg, datamodule.data_shape, datamodule.num_classes if guided else 0, context_dim)
     guidance = build(cfg.guidance, "guidance", null_label=net.null_label) if guided else None
     source = None if datamodule.gaussian_source else datamodule.source.points  # a distribution's, not the datamodule's
     sampler = build_sampler(cfg.sampler, path)
@@ -223,9 +227,15 @@ def build_callbacks(cfg: DictConfig, datamodule=None) -> list[L.Callback]:
     callbacks = [c for c in callbacks if datamodule is None or not isinstance(c, ImageMetrics) or c.check(datamodule)]
     for c in callbacks:  # monitor=auto: the headline metric of the data kind, if a callback computes it
         if isinstance(c, ModelCheckpoint) and c.monitor == "auto":
-            metric = {"vector": (DistributionMetrics, "val/w2"), "image": (ImageMetrics, "val/fid")}.get(data_kind)
+            metric = {
+                "vector": (DistributionMetrics, "val/w2", "min"),
+                "image": (ImageMetrics, "val/fid", "min"),
+                "policy": (PolicyRollout, "val/success_rate", "max"),
+            }.get(data_kind)
             found = metric is not None and any(isinstance(o, metric[0]) for o in callbacks)
             c.monitor = metric[1] if found else None
+            if found and metric[2] != c.mode:  # Lightning sets the mode's starting value when it builds the callback
+                c.mode, c.kth_value = metric[2], torch.tensor(-torch.inf if metric[2] == "max" else torch.inf)
             c.save_top_k = c.save_top_k if found else 1
     return callbacks + [ValidateLastStep()]
 

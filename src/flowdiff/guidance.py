@@ -6,7 +6,11 @@ Training drops labels to a null label with probability ``p_uncond``, so one netw
     u~_t(x | y) = (1 - w) u_t(x | null) + w u_t(x | y),
 
 so ``w = 1`` is the plain conditional model and ``w = 0`` the unconditional one (Ho & Salimans'
-guidance weight is ``w - 1``). Every parameterisation converts to the velocity by an affine map
+guidance weight is ``w - 1``).
+
+The condition is class labels ``(B,)`` (long) or a context ``(B, ...)`` (float: a policy's observations); a null
+context is a row of NaN, which a context network replaces by its learned null context (``nets.policy``), so the
+dropout and the guided combination below serve both. Every parameterisation converts to the velocity by an affine map
 ``pred -> A pred + B x`` (see ``GaussianPath.convert``) and ``(1 - w) + w = 1``, so mixing the raw
 predictions equals mixing velocities or scores: guidance works for every objective unchanged.
 """
@@ -42,12 +46,14 @@ class ClassifierFreeGuidance:
         return f"ClassifierFreeGuidance(null_label={self.null_label}, p_uncond={self.p_uncond}, scale={self.scale})"
 
     def drop_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Replace each label by the null label with probability ``p_uncond``; ``y`` is ``(B,)``."""
-        drop = torch.rand(y.shape, generator=generator, device=y.device) < self.p_uncond
-        return torch.where(drop, torch.full_like(y, self.null_label), y)
+        """Replace each condition by the null one with probability ``p_uncond``: labels ``(B,)`` by the null label,
+        context rows ``(B, ...)`` by NaN rows."""
+        drop = torch.rand(y.shape[:1], generator=generator, device=y.device) < self.p_uncond
+        return torch.where(drop.view(-1, *[1] * (y.dim() - 1)), self.null_like(y), y)
 
     def null_like(self, y: Tensor) -> Tensor:
-        return torch.full_like(y, self.null_label)
+        """The null condition shaped like ``y``: the null label, or NaN rows for a context."""
+        return torch.full_like(y, float("nan") if y.is_floating_point() else self.null_label)
 
     def guided(self, net: NetFn, x: Tensor, t: Tensor, y: Tensor, scale: float | None = None) -> Tensor:
         """``(1 - w) net(x, t, null) + w net(x, t, y)`` with one network forward.

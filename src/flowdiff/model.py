@@ -138,7 +138,7 @@ class FlowModel(nn.Module):
         unless the batch holds one), paired by ``coupling`` (as drawn if ``None``), times from the objective's time
         distribution on the range where the target is finite (uniform by default), labels dropped for CFG in
         training mode."""
-        z, y = batch["x1"], batch.get("y")
+        z, y = batch["x1"], batch.get("c", batch.get("y"))  # the condition: a context (policies) or labels
         x0 = batch.get("x0")
         if x0 is None:
             x0 = self.noise_like(z, generator)
@@ -152,16 +152,18 @@ class FlowModel(nn.Module):
         return self.objective.loss(self._forward(sample.x_t, t, y), sample, self.path)
 
     def training_labels(self, y: Tensor | None, generator: torch.Generator | None = None) -> Tensor | None:
-        """The labels the network sees in a loss: none without guidance; dropped to the null label with CFG's
-        probability in training mode."""
-        if self.guidance is None or y is None:
+        """The condition the network sees in a loss: labels only with guidance (else none), a context always; under
+        CFG dropped to the null condition with its probability in training mode."""
+        if y is None or (self.guidance is None and not y.is_floating_point()):
             return None
+        if self.guidance is None:
+            return y
         return self.guidance.drop_labels(y, generator) if self.training else y
 
     # ------------------------------------------------------------------ predictions and fields
     def prediction(self, x: Tensor, t: Tensor, y: Tensor | None = None, guidance_scale: float | None = None) -> Tensor:
         """The network's (guided) prediction at ``(x, t)``: one forward, a doubled batch under CFG."""
-        if y is not None and self.guidance is None:
+        if y is not None and self.guidance is None and not y.is_floating_point():
             raise ValueError("this model was trained without guidance=cfg, so it cannot condition on labels")
         if self.autocast_dtype is None or x.device.type != "cuda" or torch.is_autocast_enabled():
             return self._guided(x, t, y, guidance_scale)
@@ -169,8 +171,8 @@ class FlowModel(nn.Module):
             return self._guided(x, t, y, guidance_scale).to(x.dtype)
 
     def _guided(self, x: Tensor, t: Tensor, y: Tensor | None, guidance_scale: float | None) -> Tensor:
-        if y is None:
-            return self._forward(x, t, None)
+        if y is None or self.guidance is None:  # unconditional, or a context without CFG
+            return self._forward(x, t, y)
         return self.guidance.guided(self._forward, x, t, y, guidance_scale)
 
     def vector_fields(
@@ -246,7 +248,9 @@ class FlowModel(nn.Module):
         return self.guidance.null_label if self.guidance is not None else 0
 
     def labels(self, y: Tensor | None) -> Tensor | None:
-        """The labels the network is conditioned on: ``y`` for a CFG model, ``None`` for an unconditional one."""
+        """The condition the network sees: a context always, labels for a CFG model, ``None`` otherwise."""
+        if y is not None and y.is_floating_point():
+            return y
         return y if self.guidance is not None else None
 
     @contextlib.contextmanager

@@ -70,7 +70,7 @@ def check_values(cfg: DictConfig, datamodule) -> None:
 def check_model(datamodule, path, objective, sampler, guidance) -> None:
     """The choices of a model that cannot work together, asked of the built data, path, objective, sampler and
     guidance."""
-    if guidance is not None and datamodule.num_classes == 0:
+    if guidance is not None and datamodule.num_classes == 0 and not getattr(datamodule, "context_dim", 0):
         raise ConfigError(
             f"{chosen('guidance', 'guidance')} needs labelled data, but data={datamodule.name} has no labels: "
             "use guidance=none or a labelled dataset"

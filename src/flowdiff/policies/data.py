@@ -1,0 +1,141 @@
+"""Demonstrations as training data: chunks of ``horizon`` future actions (the generated ``x``, ``(horizon, A)``)
+conditioned on ``obs_horizon`` past observations (the context ``c``), normalised per dimension.
+
+Batches are ``{"x1": (B, horizon, A), "c": (B, obs_horizon * O)}``, drawn fresh each step from the chunks on the
+counter-based stream of :class:`~flowdiff.data.datamodule.FreshBatchStream` (exact resume). The normalisation
+statistics come from the demonstrations, which are rebuilt from the same seed when a checkpoint is read back, so
+rollouts apply what training used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from flowdiff.data.datamodule import FreshBatchStream
+from flowdiff.seeds import stream_seed
+
+
+def chunks_of(episodes: list[dict[str, Tensor]], horizon: int, obs_horizon: int) -> tuple[Tensor, Tensor]:
+    """Every step ``k`` of every episode: the observations ``k - obs_horizon + 1 .. k`` (the first repeated before
+    the start) ``(N, obs_horizon, O)`` and the actions ``k .. k + horizon - 1`` (zero, holding still, after the
+    end) ``(N, horizon, A)``."""
+    obs, acts = [], []
+    for ep in episodes:
+        o, a = ep["obs"], ep["actions"]
+        T = len(a)
+        for k in range(T):
+            past = [o[max(0, k - j)] for j in reversed(range(obs_horizon))]
+            chunk = a[k : k + horizon]
+            if len(chunk) < horizon:
+                chunk = torch.cat([chunk, torch.zeros(horizon - len(chunk), a.shape[1])])
+            obs.append(torch.stack(past))
+            acts.append(chunk)
+    return torch.stack(obs), torch.stack(acts)
+
+
+class Normaliser:
+    """Per-dimension ``(v - mean) / std`` of observations and actions, from the demonstrations."""
+
+    def __init__(self, obs: Tensor, actions: Tensor) -> None:
+        self.obs_mean, self.obs_std = obs.flatten(0, -2).mean(0), obs.flatten(0, -2).std(0).clamp_min(1e-3)
+        self.act_mean, self.act_std = actions.flatten(0, -2).mean(0), actions.flatten(0, -2).std(0).clamp_min(1e-3)
+
+    def context(self, obs: Tensor) -> Tensor:
+        """``(B, obs_horizon, O)`` observations -> ``(B, obs_horizon * O)`` normalised context."""
+        return ((obs - self.obs_mean) / self.obs_std).flatten(1)
+
+    def actions_in(self, actions: Tensor) -> Tensor:
+        return (actions - self.act_mean) / self.act_std
+
+    def actions_out(self, x: Tensor) -> Tensor:
+        """Generated chunks ``(B, horizon, A)`` back in the environment's units."""
+        return x.cpu() * self.act_std + self.act_mean
+
+
+class PolicyDataModule(FreshBatchStream):
+    """Action chunks from ``demos`` demonstrations of a subclass's expert (:meth:`demonstrations`), its environment
+    for rollouts (:meth:`make_env`). Demonstrations and evaluation episodes start from disjoint seeds."""
+
+    kind = "policy"
+    gaussian_source = True
+    source_name = "gaussian"
+    num_classes = 0
+
+    def __init__(
+        self,
+        demos: int = 100,
+        horizon: int = 8,
+        obs_horizon: int = 1,
+        n_action_steps: int = 4,
+        batch_size: int = 256,
+        steps_per_epoch: int = 1000,
+        n_val: int = 512,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(seed)
+        self.demos, self.horizon, self.obs_horizon, self.n_action_steps = demos, horizon, obs_horizon, n_action_steps
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.episodes = self.demonstrations(demos, stream_seed("demonstrations", seed) % 2**31)
+        obs, actions = chunks_of(self.episodes, horizon, obs_horizon)
+        self.normaliser = Normaliser(obs, actions)
+        self.contexts = self.normaliser.context(obs)  # (N, obs_horizon * O)
+        self.chunks = self.normaliser.actions_in(actions)  # (N, horizon, A)
+        g = torch.Generator().manual_seed(stream_seed("policy val set", seed) % 2**31)
+        idx = torch.randperm(len(self.chunks), generator=g)[:n_val]
+        self.val_set = {"x1": self.chunks[idx], "c": self.contexts[idx]}
+
+    # ------------------------------------------------------------------ subclasses
+    def demonstrations(self, n: int, seed: int) -> list[dict[str, Tensor]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def make_env(self, n: int, seed: int):  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ what the model needs to know
+    @property
+    def data_shape(self) -> tuple[int, int]:
+        return tuple(self.chunks.shape[1:])
+
+    @property
+    def context_dim(self) -> int:
+        return self.contexts.shape[1]
+
+    @property
+    def expert_success_rate(self) -> float:
+        return sum(ep["success"] for ep in self.episodes) / max(len(self.episodes), 1)
+
+    def evaluation_seed(self, index: int = 0) -> int:
+        """The seed of evaluation round ``index``'s starts: never a demonstration's."""
+        return stream_seed("policy evaluation", self.seed, index) % 2**31
+
+    # ------------------------------------------------------------------ batches
+    def draw(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        idx = torch.randint(len(self.chunks), (n,), generator=generator)
+        return {"x1": self.chunks[idx], "c": self.contexts[idx]}
+
+    def val_dataloader(self) -> DataLoader:
+        n, b = len(self.val_set["x1"]), self.batch_size
+        batches = [{k: v[i : i + b] for k, v in self.val_set.items()} for i in range(0, n, b)]
+        return DataLoader(batches, batch_size=None, num_workers=0, generator=torch.Generator())
+
+    def data_moments(self, n: int = 10_000) -> tuple[Tensor, Tensor]:
+        return self.chunks.mean(0), self.chunks.var(0)
+
+
+class ObstacleDataModule(PolicyDataModule):
+    """``data=obstacle``: the planar reach round a disc (:mod:`flowdiff.policies.obstacle`), its scripted expert's
+    demonstrations (left or right, a fair coin)."""
+
+    name = "obstacle"
+
+    def demonstrations(self, n: int, seed: int) -> list[dict[str, Tensor]]:
+        from flowdiff.policies.obstacle import expert_demonstrations
+
+        return expert_demonstrations(n, seed)
+
+    def make_env(self, n: int, seed: int):
+        from flowdiff.policies.obstacle import ObstacleReach
+
+        return ObstacleReach(n, seed)

@@ -1,0 +1,152 @@
+"""Policies: context conditioning (with CFG's learned null context), action-chunk networks, behaviour cloning as one
+data step, the obstacle toy's expert and rollouts, and a flow policy against regression on it."""
+
+import json
+
+import pytest
+import torch
+
+from flowdiff.guidance import ClassifierFreeGuidance
+from flowdiff.model import FlowModel
+from flowdiff.nets import PolicyMLP, PolicyUNet1D
+from flowdiff.objectives import Objective
+from flowdiff.paths import CondOTSchedule, GaussianPath
+from flowdiff.policies.data import ObstacleDataModule
+from flowdiff.policies.obstacle import ObstacleReach, expert_demonstrations
+from flowdiff.samplers import ConsistencySampler
+from helpers import compose_cfg
+
+
+@pytest.mark.parametrize("net_cls", [PolicyMLP, PolicyUNet1D])
+def test_policy_nets_condition_on_the_context_and_learn_a_null_one(net_cls):
+    torch.manual_seed(0)
+    net = net_cls(data_shape=(8, 3), context_dim=5)
+    x, t, c = torch.randn(4, 8, 3), torch.rand(4), torch.randn(4, 5)
+    out = net(x, t, c)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, net(x, t, c + 1))  # the context matters
+    nan_rows = c.clone()
+    nan_rows[[1, 3]] = float("nan")
+    mixed, null = net(x, t, nan_rows), net(x, t, None)  # NaN rows are the learned null context
+    assert torch.allclose(mixed[[1, 3]], null[[1, 3]], atol=1e-6) and torch.allclose(
+        mixed[[0, 2]], out[[0, 2]], atol=1e-6
+    )
+    assert any(n == "cond.null_context" for n, _ in net.named_parameters())
+    with pytest.raises(ValueError, match="horizon"):
+        net_cls(data_shape=(2,), context_dim=5)
+
+
+def test_context_dropout_and_guidance_with_a_null_context():
+    """CFG on a context: training drops whole rows to NaN with probability p_uncond; sampling with w mixes the
+    conditional and the null-context predictions as for labels (one doubled forward)."""
+    cfg = ClassifierFreeGuidance(null_label=0, p_uncond=0.3)
+    c = torch.randn(20_000, 4)
+    dropped = cfg.drop_labels(c, torch.Generator().manual_seed(0))
+    rows = torch.isnan(dropped).all(1)
+    assert torch.isnan(dropped).any(1).eq(rows).all()  # whole rows
+    assert 0.28 < rows.float().mean() < 0.32 and torch.equal(dropped[~rows], c[~rows])
+    torch.manual_seed(0)
+    net = PolicyMLP(data_shape=(4, 2), context_dim=4, width=32, depth=1)
+    model = FlowModel(net, GaussianPath(CondOTSchedule()), Objective("velocity"), (4, 2), guidance=cfg)
+    x, t, cc = torch.randn(6, 4, 2), torch.rand(6), torch.randn(6, 4)
+    cond, null = net(x, t, cc), net(x, t, None)
+    guided = model.prediction(x, t, cc, guidance_scale=3.0)
+    assert torch.allclose(guided, null + 3.0 * (cond - null), atol=1e-5)
+    assert torch.allclose(model.prediction(x, t, cc, guidance_scale=1.0), cond)
+    # without CFG a context is still seen, in training and sampling
+    plain = FlowModel(net, GaussianPath(CondOTSchedule()), Objective("velocity"), (4, 2))
+    assert torch.equal(plain.training_labels(cc), cc) and torch.allclose(plain.prediction(x, t, cc), cond)
+
+
+class _LinearInContext(torch.nn.Module):
+    """A network that sees only the context: ``W c + b``, shaped as the chunk."""
+
+    null_label = 0
+
+    def __init__(self, context_dim: int, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.shape = shape
+        self.lin = torch.nn.Linear(context_dim, shape[0] * shape[1])
+
+    def forward(self, x, t, y=None):
+        return self.lin(y).view(-1, *self.shape)
+
+
+def test_regression_is_one_data_step_and_equals_least_squares():
+    """Behaviour cloning by regression in flowdiff: a data-objective model's one evaluation at t = 0 from noise.
+    With a network linear in the context, the least-squares fit of actions on observations minimises flowdiff's
+    data loss (its gradient vanishes there, whatever the noise and times drawn) and the one-step sample is that
+    fit's prediction E[a | o]."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    z = (
+        c @ torch.randn(3, 8, generator=g, dtype=torch.float64)
+        + 0.5 * torch.randn(300, 8, generator=g, dtype=torch.float64)
+    ).view(300, 4, 2)
+    design = torch.cat([c, torch.ones(300, 1, dtype=torch.float64)], 1)
+    coef = torch.linalg.lstsq(design, z.flatten(1)).solution  # (4, 8)
+    net = _LinearInContext(3, (4, 2)).double()
+    with torch.no_grad():
+        net.lin.weight.copy_(coef[:3].T)
+        net.lin.bias.copy_(coef[3])
+    model = FlowModel(net, GaussianPath(CondOTSchedule()), Objective("data"), (4, 2))
+    loss = model.loss({"x1": z, "c": c}, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    assert max(float(gr.abs().max()) for gr in grads) < 1e-10
+    x0 = torch.randn(300, 4, 2, generator=g, dtype=torch.float64)
+    one = model.sample(300, ConsistencySampler(model.path, steps=1), y=c, x0=x0)
+    assert one.nfe == 1 and torch.allclose(one.x.flatten(1), design @ coef, atol=1e-10)
+
+
+def test_obstacle_expert_succeeds_and_demonstrations_are_bimodal():
+    episodes = expert_demonstrations(40, seed=3)
+    assert all(ep["success"] for ep in episodes)
+    first_x = torch.stack([ep["actions"][0:5].sum(0)[0] for ep in episodes])  # where the first steps head
+    assert (first_x < -0.1).sum() >= 10 and (first_x > 0.1).sum() >= 10  # both ways round, about half each
+    dm = ObstacleDataModule(demos=20, seed=1)
+    assert dm.expert_success_rate == 1.0 and dm.data_shape == (8, 2) and dm.context_dim == 2
+    evaluation = ObstacleReach(20, dm.evaluation_seed()).reset()
+    demo_starts = torch.stack([ep["obs"][0] for ep in dm.episodes])
+    assert torch.cdist(evaluation, demo_starts).min() > 0  # evaluation starts are not demonstrations'
+
+
+def test_a_policy_trains_and_rolls_out_with_its_success_logged(tmp_path):
+    from flowdiff.runs import train
+
+    cfg = compose_cfg(
+        [
+            "experiment=obstacle_flow",
+            "trainer.max_steps=4",
+            "data.steps_per_epoch=4",
+            "data.demos=4",
+            "data.batch_size=16",
+            "net.width=32",
+            "net.depth=1",
+            "callbacks.rollout.n_episodes=2",
+            "sampler.steps=2",
+            "callbacks.progress_bar=null",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path / "run",
+    )
+    metrics = train(cfg)
+    assert 0 <= metrics["val/success_rate"] <= 1 and metrics["nfe"] == 2 and metrics["val/ms_per_chunk"] > 0
+    assert (tmp_path / "run" / "plots" / "rollouts_step0000004.png").exists()
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["val/success_rate"] == metrics["val/success_rate"]
+    )
+
+
+@pytest.mark.slow
+def test_flow_policy_picks_a_way_round_where_regression_averages_into_the_disc(tmp_path):
+    """The lecture-5 argument on the obstacle toy (about 3 CPU minutes): the expert succeeds in every episode,
+    regression (one data step: E[a | o]) in at most 60% of 50 evaluation episodes, the flow policy (pi-0's 10
+    Euler steps) in at least 90%."""
+    from flowdiff.runs import train
+
+    quiet = ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "trainer.max_steps=2000"]
+    flow = train(compose_cfg(["experiment=obstacle_flow", *quiet], tmp_path / "flow"))
+    regression = train(compose_cfg(["experiment=obstacle_regression", *quiet], tmp_path / "regression"))
+    assert ObstacleDataModule(demos=100).expert_success_rate == 1.0
+    assert flow["val/success_rate"] >= 0.9, flow
+    assert regression["val/success_rate"] <= 0.6, regression
