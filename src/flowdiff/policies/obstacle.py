@@ -25,7 +25,7 @@ class ObstacleReach:
         radius: float = 0.35,
         max_step: float = 0.1,
         max_steps: int = 60,
-        start_noise: float = 0.1,
+        start_noise: float = 0.02,
         goal_tolerance: float = 0.1,
     ) -> None:
         self.n, self.seed = n, seed
