@@ -88,7 +88,8 @@ def test_each_pass_shows_every_image_once(cifar):
     assert not torch.equal(idx[:20], idx[20:])  # each pass in its own order
 
 
-@pytest.mark.parametrize("on_device, workers", [(True, 0), (False, 1)])
+# the device path gives the loader's batches (above), so its resume is the loader's: `make test-all` runs it
+@pytest.mark.parametrize("on_device, workers", [pytest.param(True, 0, marks=pytest.mark.slow), (False, 1)])
 def test_image_runs_resume_bit_for_bit(tmp_path, on_device, workers):
     """7 steps straight equal 4 steps, a stop, and 3 more: resumed mid-epoch (3 batches an epoch) and carried over
     the next epoch's start, where a loader worker had read past the end: the weights and the datamodule's

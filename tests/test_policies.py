@@ -34,6 +34,10 @@ def test_policy_nets_condition_on_the_context_and_learn_a_null_one(net_cls):
     assert any(n == "cond.null_context" for n, _ in net.named_parameters())
     with pytest.raises(ValueError, match="horizon"):
         net_cls(data_shape=(2,), context_dim=5)
+    partly = c.clone()
+    partly[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="partly NaN"):
+        net(x, t, partly)
 
 
 def test_context_dropout_and_guidance_with_a_null_context():
@@ -105,9 +109,16 @@ def test_obstacle_expert_succeeds_and_demonstrations_are_bimodal():
     assert (first_x < -0.1).sum() >= 10 and (first_x > 0.1).sum() >= 10  # both ways round, about half each
     dm = ObstacleDataModule(demos=20, seed=1)
     assert dm.expert_success_rate == 1.0 and dm.data_shape == (8, 2) and dm.context_dim == 2
+    from flowdiff.seeds import stream_seed
+
+    demo_seed = stream_seed("demonstrations", 1) % 2**31
+    assert demo_seed not in {dm.evaluation_seed(k) for k in range(10)}  # evaluation starts are not demonstrations'
     evaluation = ObstacleReach(20, dm.evaluation_seed()).reset()
     demo_starts = torch.stack([ep["obs"][0] for ep in dm.episodes])
-    assert torch.cdist(evaluation, demo_starts).min() > 0  # evaluation starts are not demonstrations'
+    assert torch.cdist(evaluation, demo_starts).min() > 1e-4
+    # the normalisation round trip: what the net generates comes back in the environment's units
+    chunk = torch.stack([ep["actions"][:8] for ep in dm.episodes[:3]])
+    assert torch.allclose(dm.normaliser.actions_out(dm.normaliser.actions_in(chunk)), chunk, atol=1e-6)
 
 
 def test_a_policy_trains_and_rolls_out_with_its_success_logged(tmp_path):
@@ -129,8 +140,13 @@ def test_a_policy_trains_and_rolls_out_with_its_success_logged(tmp_path):
         ],
         tmp_path / "run",
     )
+    from flowdiff.build import build_callbacks, build_datamodule
+
     metrics = train(cfg)
     assert 0 <= metrics["val/success_rate"] <= 1 and metrics["nfe"] == 2 and metrics["val/ms_per_chunk"] > 0
+    assert metrics["val/steps_to_success"] != metrics["val/steps_to_success"] or metrics["val/steps_to_success"] > 0
+    ckpt = next(c for c in build_callbacks(cfg, build_datamodule(cfg)) if type(c).__name__ == "ModelCheckpoint")
+    assert (ckpt.monitor, ckpt.mode, float(ckpt.kth_value)) == ("val/success_rate", "max", float("-inf"))
     assert (tmp_path / "run" / "plots" / "rollouts_step0000004.png").exists()
     assert (
         json.loads((tmp_path / "run" / "metrics.json").read_text())["val/success_rate"] == metrics["val/success_rate"]
@@ -151,3 +167,18 @@ def test_flow_policy_picks_a_way_round_where_regression_averages_into_the_disc(t
     assert ObstacleDataModule(demos=100).expert_success_rate == 1.0
     assert flow["val/success_rate"] >= 0.9, flow
     assert regression["val/success_rate"] <= flow["val/success_rate"] - 0.2, (regression, flow)
+
+
+def test_choices_that_would_drop_the_context_are_one_sentence(tmp_path):
+    """A net without a context, a stage that does not pass it on, a batch with a context and labels: refused."""
+    from flowdiff.build import build_run
+    from flowdiff.errors import ConfigError
+
+    small = ["experiment=obstacle_flow", "data.demos=2"]
+    with pytest.raises(ConfigError, match="net=MLP takes no context"):
+        build_run(compose_cfg([*small, "net=mlp"], tmp_path / "a"))
+    with pytest.raises(ConfigError, match="stage=consistency does not pass"):
+        build_run(compose_cfg([*small, "stage=consistency"], tmp_path / "b"))
+    model, dm = build_run(compose_cfg(small, tmp_path / "c"))
+    with pytest.raises(ValueError, match="both a context c and labels y"):
+        model.loss({**dm.draw(4), "y": torch.zeros(4, dtype=torch.long)})

@@ -93,6 +93,11 @@ def build_net(cfg: DictConfig, data_shape: tuple[int, ...], num_classes: int, co
         cause = err.__cause__ or err
         if isinstance(cause, ValueError):
             raise ConfigError(str(cause)) from None
+        if context_dim and isinstance(cause, TypeError) and "context_dim" in str(cause):
+            raise ConfigError(
+                f"net={cfg.net._target_.rsplit('.', 1)[-1]} takes no context, and this data conditions on one: use "
+                "net=policy_mlp or net=policy_unet1d"
+            ) from None
         raise
 
 

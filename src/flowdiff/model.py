@@ -138,6 +138,8 @@ class FlowModel(nn.Module):
         unless the batch holds one), paired by ``coupling`` (as drawn if ``None``), times from the objective's time
         distribution on the range where the target is finite (uniform by default), labels dropped for CFG in
         training mode."""
+        if "c" in batch and batch.get("y") is not None:
+            raise ValueError("a batch holds both a context c and labels y: put the labels (a task) into the context")
         z, y = batch["x1"], batch.get("c", batch.get("y"))  # the condition: a context (policies) or labels
         x0 = batch.get("x0")
         if x0 is None:

@@ -21,7 +21,10 @@ def context_or_null(c: Tensor | None, null: Tensor, batch: int) -> Tensor:
     if c is None:
         return null.expand(batch, -1)
     c = c.reshape(batch, -1).to(null.dtype)
-    missing = torch.isnan(c).any(1, keepdim=True)
+    nan = torch.isnan(c)
+    missing = nan.all(1, keepdim=True)
+    if not torch.compiler.is_compiling() and bool((nan.any(1, keepdim=True) & ~missing).any()):
+        raise ValueError("a context row is partly NaN: a null context is a whole row of NaN; fill missing observations")
     return torch.where(missing, null.expand_as(c), c)
 
 

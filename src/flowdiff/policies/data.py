@@ -126,16 +126,21 @@ class PolicyDataModule(FreshBatchStream):
 
 class ObstacleDataModule(PolicyDataModule):
     """``data=obstacle``: the planar reach round a disc (:mod:`flowdiff.policies.obstacle`), its scripted expert's
-    demonstrations (left or right, a fair coin)."""
+    demonstrations (left or right, a fair coin); ``env`` holds :class:`ObstacleReach`'s settings (in the config, so
+    a checkpoint rebuilds the same demonstrations and normalisation)."""
 
     name = "obstacle"
+
+    def __init__(self, env: dict | None = None, **kwargs) -> None:
+        self.env = dict(env or {})
+        super().__init__(**kwargs)
 
     def demonstrations(self, n: int, seed: int) -> list[dict[str, Tensor]]:
         from flowdiff.policies.obstacle import expert_demonstrations
 
-        return expert_demonstrations(n, seed)
+        return expert_demonstrations(n, seed, **self.env)
 
     def make_env(self, n: int, seed: int):
         from flowdiff.policies.obstacle import ObstacleReach
 
-        return ObstacleReach(n, seed)
+        return ObstacleReach(n, seed, **self.env)

@@ -100,8 +100,17 @@ class Stage:
         return {}
 
     # ------------------------------------------------------------------ rules and the start
+    #: whether the stage passes a batch's context (policies' observations) to its networks
+    conditions_on_context = False
+
     def check(self, datamodule, model: FlowModel, coupling) -> None:
-        """A teacher must have been trained on this run's data, with labels exactly when this run has them."""
+        """A teacher must have been trained on this run's data, with labels exactly when this run has them; a stage
+        that does not pass contexts on refuses policy data rather than train an unconditional student."""
+        if getattr(datamodule, "context_dim", 0) and not self.conditions_on_context:
+            raise ConfigError(
+                f"stage={self.name} does not pass a batch's context (data={datamodule.name}'s observations) to its "
+                "networks yet: train policies with stage=train"
+            )
         teacher = self.teacher
         if teacher is None:
             return
@@ -138,6 +147,8 @@ class Stage:
 
 class TrainStage(Stage):
     """Train a model from data (``stage=train``, the default); it takes no teacher."""
+
+    conditions_on_context = True  # FlowModel.loss reads the batch's context
 
     def __init__(self, teacher: str | None = None) -> None:
         if teacher is not None:
