@@ -44,6 +44,7 @@ def test_train_prints_where_things_are(trained):
     assert (trained / "csv" / "metrics.csv").exists()
 
 
+@pytest.mark.slow  # over 10 s: make test-all
 def test_sample_is_reproducible_and_sweepable(trained, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
     outs = []
@@ -96,6 +97,7 @@ def test_sample_keeps_the_trained_sampler_settings(tmp_path, capsys):
     assert "EulerMaruyamaSampler(steps=5" in printed and "sigma_schedule=constant" in printed
 
 
+@pytest.mark.slow  # over 10 s: make test-all
 def test_wandb_offline_run_holds_the_plot(tmp_path):
     wandb = pytest.importorskip("wandb")
     from flowdiff.runs import train

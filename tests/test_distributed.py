@@ -156,6 +156,7 @@ def test_fid_kid_and_floor_over_two_ranks_are_the_one_process_values(tmp_path):
     assert one["model"]["fid"] > 3 * one["floor"]["fid"] > 0 and one["model"]["kid_std"] > 0
 
 
+@pytest.mark.slow  # over 10 s: make test-all
 def test_image_metrics_of_a_two_process_run_are_one_process_values(tmp_path):
     """trainer=ddp_cpu (2 gloo processes) trains a tiny class-conditional MNIST model with image metrics on (n = 21:
     10 and 11 per rank): the FID, KID, KID spread, class accuracy and both floors it logs at its last validation equal

@@ -202,8 +202,8 @@ def _wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float
 
 @pytest.mark.parametrize(
     "signum",
-    # SIGUSR1 (SLURM's warning before pre-emption) takes SIGTERM's handler, and the fast suite's second-Ctrl-C test
-    # sends a first SIGINT too: `make test-all` runs these two
+    # SIGUSR1 (SLURM's warning before pre-emption) takes SIGTERM's handler; SIGINT has its own test of a second
+    # Ctrl-C: `make test-all` runs these (each over 10 s)
     [
         signal.SIGTERM,
         pytest.param(signal.SIGINT, marks=pytest.mark.slow),
@@ -251,6 +251,7 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
     assert torch.load(resume_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 5
 
 
+@pytest.mark.slow  # over 10 s: make test-all
 def test_a_second_ctrl_c_while_saving_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path):
     """Ctrl-C, then Ctrl-C again while the checkpoint of the step in progress is being written (a test callback makes
     the write take 20 s), on image data read by two DataLoader workers (which get both signals too, as in a terminal,
@@ -285,6 +286,7 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_and_keeps_the_previous_check
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow  # over 10 s: make test-all
 def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path):
     """kill -9 (no handler runs): last.ckpt is whole and at most every_n_train_steps behind, and resumes."""
     proc, run_dir = _start(tmp_path, "run")
@@ -565,6 +567,7 @@ def test_image_folder_leaves_out_bad_files_with_one_counted_warning(tmp_path):
         ImageDataModule("image_folder", str(empty_only), image_size=16, num_workers=0)
 
 
+@pytest.mark.slow  # over 10 s: make test-all
 def test_a_failing_job_never_stops_its_siblings(tmp_path):
     """A 2 x 2 multirun (optimizer x seed) whose NoSuchOptimizer jobs raise: they are logged, the AdamW jobs finish,
     each job has its own folder (seeds once shared one, each overwriting the last) with different results per seed,
