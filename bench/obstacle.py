@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import io
 
-import torch
 from common import RESULTS, compose, markdown_table, save_json
 
 from flowdiff.policies.rollout import rollout
@@ -64,7 +63,7 @@ def main(argv=None) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / "obstacle.png", dpi=120)
     plt.close(fig)
-    numbers = {k: {m: float(v) for m, v in r.items() if not torch.is_tensor(v)} for k, r in results.items()}
+    numbers = {k: {m: float(v) for m, v in r.items() if isinstance(v, (int, float))} for k, r in results.items()}
     save_json("obstacle", numbers)
     rows = [["expert", f"{dm.expert_success_rate:.0%}", "", "", ""]]
     for key, label in (("obstacle_regression", "regression"), ("obstacle_flow", "flow policy")):

@@ -17,10 +17,13 @@ from flowdiff.data.datamodule import FreshBatchStream
 from flowdiff.seeds import stream_seed
 
 
-def chunks_of(episodes: list[dict[str, Tensor]], horizon: int, obs_horizon: int) -> tuple[Tensor, Tensor]:
+def chunks_of(
+    episodes: list[dict[str, Tensor]], horizon: int, obs_horizon: int, pad_with_last: bool = False
+) -> tuple[Tensor, Tensor]:
     """Every step ``k`` of every episode: the observations ``k - obs_horizon + 1 .. k`` (the first repeated before
-    the start) ``(N, obs_horizon, O)`` and the actions ``k .. k + horizon - 1`` (zero, holding still, after the
-    end) ``(N, horizon, A)``."""
+    the start) ``(N, obs_horizon, O)`` and the actions ``k .. k + horizon - 1`` ``(N, horizon, A)``, after the end
+    zero (holding still) or, ``pad_with_last``, the last action repeated (Diffusion Policy's padding: a closed
+    gripper stays closed)."""
     obs, acts = [], []
     for ep in episodes:
         o, a = ep["obs"], ep["actions"]
@@ -29,7 +32,12 @@ def chunks_of(episodes: list[dict[str, Tensor]], horizon: int, obs_horizon: int)
             past = [o[max(0, k - j)] for j in reversed(range(obs_horizon))]
             chunk = a[k : k + horizon]
             if len(chunk) < horizon:
-                chunk = torch.cat([chunk, torch.zeros(horizon - len(chunk), a.shape[1])])
+                pad = (
+                    a[-1:].expand(horizon - len(chunk), -1)
+                    if pad_with_last
+                    else torch.zeros(horizon - len(chunk), a.shape[1])
+                )
+                chunk = torch.cat([chunk, pad])
             obs.append(torch.stack(past))
             acts.append(chunk)
     return torch.stack(obs), torch.stack(acts)
@@ -53,6 +61,13 @@ class Normaliser:
         """Generated chunks ``(B, horizon, A)`` back in the environment's units."""
         return x.cpu() * self.act_std + self.act_mean
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k) for k in ("obs_mean", "obs_std", "act_mean", "act_std")}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v.cpu())
+
 
 class PolicyDataModule(FreshBatchStream):
     """Action chunks from ``demos`` demonstrations of a subclass's expert (:meth:`demonstrations`), its environment
@@ -62,6 +77,7 @@ class PolicyDataModule(FreshBatchStream):
     gaussian_source = True
     source_name = "gaussian"
     num_classes = 0
+    pad_with_last_action = False  # chunks past an episode's end: zeros (holding still) or the last action
 
     def __init__(
         self,
@@ -78,7 +94,7 @@ class PolicyDataModule(FreshBatchStream):
         self.demos, self.horizon, self.obs_horizon, self.n_action_steps = demos, horizon, obs_horizon, n_action_steps
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.episodes = self.demonstrations(demos, stream_seed("demonstrations", seed) % 2**31)
-        obs, actions = chunks_of(self.episodes, horizon, obs_horizon)
+        obs, actions = chunks_of(self.episodes, horizon, obs_horizon, self.pad_with_last_action)
         self.normaliser = Normaliser(obs, actions)
         self.contexts = self.normaliser.context(obs)  # (N, obs_horizon * O)
         self.chunks = self.normaliser.actions_in(actions)  # (N, horizon, A)
@@ -120,6 +136,15 @@ class PolicyDataModule(FreshBatchStream):
         batches = [{k: v[i : i + b] for k, v in self.val_set.items()} for i in range(0, n, b)]
         return DataLoader(batches, batch_size=None, num_workers=0, generator=torch.Generator())
 
+    def state_dict(self) -> dict:
+        """The stream position and the normalisation statistics (rollouts of a checkpoint apply what training used)."""
+        return {**super().state_dict(), "normaliser": self.normaliser.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "normaliser" in state:
+            self.normaliser.load_state_dict(state["normaliser"])
+
     def data_moments(self, n: int = 10_000) -> tuple[Tensor, Tensor]:
         return self.chunks.mean(0), self.chunks.var(0)
 
@@ -144,3 +169,32 @@ class ObstacleDataModule(PolicyDataModule):
         from flowdiff.policies.obstacle import ObstacleReach
 
         return ObstacleReach(n, seed, **self.env)
+
+
+class MetaWorldDataModule(PolicyDataModule):
+    """``data=metaworld data.task=push-v3``: Meta-World's scripted experts' demonstrations (``demos`` episodes per
+    task, cached on disk) and its simulator for rollouts (:mod:`flowdiff.policies.metaworld`); a list of tasks
+    trains one multi-task policy, the task's one-hot then part of the observation and so of the context."""
+
+    name = "metaworld"
+    pad_with_last_action = True
+
+    def __init__(
+        self, task: str | list[str] = "reach-v3", max_steps: int = 500, cache_dir: str | None = None, **kwargs
+    ) -> None:
+        from flowdiff.policies.metaworld import check_tasks
+
+        self.tasks = [task] if isinstance(task, str) else list(task)
+        check_tasks(self.tasks)
+        self.max_steps, self.cache_dir = max_steps, cache_dir
+        super().__init__(**kwargs)
+
+    def demonstrations(self, n: int, seed: int) -> list[dict[str, Tensor]]:
+        from flowdiff.policies.metaworld import demonstrations
+
+        return demonstrations(self.tasks, n, seed, self.max_steps, self.cache_dir)
+
+    def make_env(self, n: int, seed: int):
+        from flowdiff.policies.metaworld import MetaWorldEpisodes
+
+        return MetaWorldEpisodes(self.tasks, n, seed, self.max_steps)

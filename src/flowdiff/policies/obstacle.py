@@ -33,6 +33,15 @@ class ObstacleReach:
         self.start_noise, self.goal_tolerance = start_noise, goal_tolerance
         self.goal = torch.tensor([0.0, 1.0])
 
+    def draw_layout(self, ax) -> None:
+        """The disc and the goal; the plot's extent."""
+        import matplotlib.pyplot as plt
+
+        ax.add_patch(plt.Circle((0, 0), self.radius, color="0.6"))
+        ax.plot(*self.goal.tolist(), marker="*", color="k", markersize=14, linestyle="none")
+        ax.set_xlim(-1.2, 1.2)
+        ax.set_ylim(-1.3, 1.3)
+
     def reset(self) -> Tensor:
         g = torch.Generator().manual_seed(self.seed)
         self.pos = torch.tensor([0.0, -1.0]) + self.start_noise * (2 * torch.rand(self.n, 2, generator=g) - 1)
