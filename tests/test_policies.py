@@ -177,8 +177,43 @@ def test_choices_that_would_drop_the_context_are_one_sentence(tmp_path):
     small = ["experiment=obstacle_flow", "data.demos=2"]
     with pytest.raises(ConfigError, match="net=MLP takes no context"):
         build_run(compose_cfg([*small, "net=mlp"], tmp_path / "a"))
-    with pytest.raises(ConfigError, match="stage=consistency does not pass"):
+    with pytest.raises(ConfigError, match="stage=consistency does not pass"):  # distill and reflow do
         build_run(compose_cfg([*small, "stage=consistency"], tmp_path / "b"))
     model, dm = build_run(compose_cfg(small, tmp_path / "c"))
     with pytest.raises(ValueError, match="both a context c and labels y"):
         model.loss({**dm.draw(4), "y": torch.zeros(4, dtype=torch.long)})
+
+
+def test_a_one_step_student_of_a_policy_teacher_is_conditioned_on_the_teachers_contexts(tmp_path):
+    """stage=distill stage.steps=1 on a policy teacher: its trajectories pair each noise and one of the data's
+    contexts with the teacher's chunk for that context (c, not labels), the student's loss passes the context, and
+    it rolls out with one network evaluation per chunk."""
+    from flowdiff.build import build_run, load_checkpoint
+    from flowdiff.runs import train
+
+    small = ["experiment=obstacle_flow", "data.demos=4", "data.batch_size=16", "net.width=32", "net.depth=1"]
+    small += ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.rollout.n_episodes=2"]
+    small += ["trainer.max_steps=4", "data.steps_per_epoch=4", f"log_root={tmp_path}"]
+    train(compose_cfg([*small, "sampler.steps=2"], tmp_path / "teacher"))
+    ckpt = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    student_cfg = [*small, "stage=distill", f"teacher={ckpt}", "stage.steps=1", "stage.n_pairs=32"]
+    student_cfg += ["sampler@stage.sampler=euler", "stage.sampler.steps=2"]
+    student, dm = build_run(compose_cfg(student_cfg, tmp_path / "student"))
+    dm.setup("fit")
+    pairs = dm.pairs
+    assert "y" not in pairs and pairs["c"].shape == (32, dm.context_dim)
+    assert all(any(torch.equal(row, c) for c in dm.contexts) for row in pairs["c"][:4])  # the data's observations
+    teacher, _, _ = load_checkpoint(ckpt)
+    from flowdiff.samplers import EulerSampler
+
+    again = teacher.sample(4, EulerSampler(steps=2), y=pairs["c"][:4], x0=pairs["xs"][:4, 0]).x
+    assert torch.allclose(again, pairs["xs"][:4, -1], atol=1e-5)  # the teacher's chunk for that noise and context
+    batch = dm.draw(8, torch.Generator().manual_seed(0))
+    assert "c" in batch and torch.isfinite(student.loss(batch))
+    seen = []
+    forward = student.model._forward
+    student.model._forward = lambda x, t, y: seen.append(y) or forward(x, t, y)
+    student.loss(batch)
+    assert torch.equal(seen[0], batch["c"])
+    metrics = train(compose_cfg(student_cfg, tmp_path / "student"))
+    assert metrics["nfe"] == 1 and 0 <= metrics["val/success_rate"] <= 1

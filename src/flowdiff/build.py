@@ -204,6 +204,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compil
     weights = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     check_weights_fit(model, {"state_dict": weights}, path, "ckpt")
     model.load_state_dict(weights)
+    state = ckpt.get(type(datamodule).__qualname__)  # Lightning's key for the datamodule's state_dict()
+    if state is not None and hasattr(datamodule, "load_state_dict"):
+        datamodule.load_state_dict(state)  # e.g. a policy's normalisation: rollouts apply what training used
     return model.to(device).eval(), datamodule, cfg
 
 

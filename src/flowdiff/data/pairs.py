@@ -66,7 +66,8 @@ class PairsDataModule(FreshBatchStream):
         idx = torch.randint(len(self.pairs["xs"]), (n,), generator=generator)
         xs = self.pairs["xs"][idx]
         times = self.pairs["times"].expand(n, -1)
-        return {"x0": xs[:, 0], "x1": xs[:, -1], "xs": xs, "times": times, "y": self.pairs["y"][idx]}
+        condition = "c" if "c" in self.pairs else "y"  # a policy teacher's contexts, or labels
+        return {"x0": xs[:, 0], "x1": xs[:, -1], "xs": xs, "times": times, condition: self.pairs[condition][idx]}
 
     def train_dataloader(self):
         if self.pairs is None:

@@ -42,7 +42,7 @@ class DistillationModule(FlowModule):
         t, h = times[rows, i], times[rows, i + 1] - times[rows, i]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = self.labels(batch.get("y"))
+        y = self.labels(batch.get("c", batch.get("y")))  # a context (policies) or labels
         velocity = self.objective.to_velocity(self.path, self._forward(x, t, y), x, t)
         step = x + broadcast_time(h, x) * velocity
         return distance(step, target, self.distance).mean()
@@ -71,6 +71,7 @@ class DistillStage(TeacherTrajectories, Stage):
 
     name = "distill"
     module_class = DistillationModule
+    conditions_on_context = True  # its trajectories hold the teacher's contexts, its loss passes them
     student_guidance_scale = 1.0
     needs_teacher = True
 

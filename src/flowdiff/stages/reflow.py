@@ -48,6 +48,7 @@ class ReflowStage(TeacherTrajectories, Stage):
 
     name = "reflow"
     needs_teacher = True
+    conditions_on_context = True  # its pairs hold the teacher's contexts, which FlowModel.loss reads
 
     def __init__(
         self,

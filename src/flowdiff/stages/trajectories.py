@@ -30,20 +30,29 @@ log = logging.getLogger("flowdiff")
 
 @torch.no_grad()
 def make_trajectories(
-    teacher, n: int, sampler: Sampler, steps: int = 1, batch_size: int = 5000, seed: int = 0
+    teacher,
+    n: int,
+    sampler: Sampler,
+    steps: int = 1,
+    batch_size: int = 5000,
+    seed: int = 0,
+    contexts: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``{"xs": (n, steps + 1, *shape), "times": (steps + 1,), "y": (n,)}``: the teacher's states along its ODE
     from ``n`` noises drawn from ``seed`` (``xs[:, 0]``), at ``steps + 1`` evenly spaced times of its sampling span;
     ``xs[:, -1]`` is its sample (after the sampler's final denoising step, if any). A CFG teacher is conditioned on
-    balanced labels, at its trained guidance scale."""
+    balanced labels, at its trained guidance scale; a policy teacher on ``contexts`` ``(N, C)`` (its data's
+    observations), ``n`` rows drawn from them with replacement, returned as ``"c"`` in place of ``"y"``."""
     sampler = sampler.recording(steps)
     g = torch.Generator().manual_seed(seed)
     labels = sampling_labels(n, teacher.num_classes)
+    if contexts is not None:
+        labels = contexts[torch.randint(len(contexts), (n,), generator=g)]
     xs, ys, times = [], [], None
     for i in range(0, n, batch_size):
         k = min(batch_size, n - i)
         x0 = teacher.draw_source(k, g)
-        y = None if labels is None else labels[i : i + k]
+        y = None if labels is None else labels[i : i + k].to(teacher.device)
         out = teacher.sample(k, sampler=sampler, y=y, x0=x0, generator=g, return_trajectory=steps > 1)
         if steps == 1:
             states = [x0, out.x]
@@ -55,17 +64,21 @@ def make_trajectories(
             grid = out.times[idx]
             grid[-1] = out.times[-1]
         xs.append(torch.stack([s.cpu() for s in states], 1))
-        ys.append(y if y is not None else torch.zeros(k, dtype=torch.long))
+        ys.append(y.cpu() if y is not None else torch.zeros(k, dtype=torch.long))
         times = grid.cpu()
-    return {"xs": torch.cat(xs), "times": times, "y": torch.cat(ys)}
+    return {"xs": torch.cat(xs), "times": times, "c" if contexts is not None else "y": torch.cat(ys)}
 
 
-def trajectories_key(teacher_path: str | Path, sampler: Sampler, n: int, steps: int, seed: int) -> str:
+def trajectories_key(
+    teacher_path: str | Path, sampler: Sampler, n: int, steps: int, seed: int, contexts: Tensor | None = None
+) -> str:
     """Names stored trajectories by what makes them: the teacher file (path, size, time), its sampler (every
-    setting, as its repr lists them), n, the grid and the seed."""
+    setting, as its repr lists them), n, the grid, the seed and the contexts (a digest of their values)."""
     path = Path(teacher_path).resolve()
     stat = path.stat()
     what = [str(path), stat.st_size, stat.st_mtime_ns, repr(sampler), n, steps, seed]
+    if contexts is not None:
+        what.append(hashlib.sha1(contexts.float().contiguous().numpy().tobytes()).hexdigest())
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -78,17 +91,18 @@ def load_or_make_trajectories(
     steps: int = 1,
     batch_size: int = 5000,
     seed: int = 0,
+    contexts: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Path]:
     """The stored trajectories for this teacher, sampler, ``n``, grid and ``seed`` (made and saved atomically on
     first use, with the time they took and their size printed)."""
-    cache = Path(cache_dir) / f"trajectories-{trajectories_key(teacher_path, sampler, n, steps, seed)}.pt"
+    cache = Path(cache_dir) / f"trajectories-{trajectories_key(teacher_path, sampler, n, steps, seed, contexts)}.pt"
     what = "pairs" if steps == 1 else f"{steps}-step trajectories"
     if cache.is_file():
         stored = torch.load(cache, weights_only=False)
         log.info("reusing %d %s from %s (made in %.1f s)", n, what, cache, stored["meta"]["seconds"])
         return stored["trajectories"], cache
     start = time.perf_counter()
-    trajectories = make_trajectories(teacher, n, sampler, steps, batch_size, seed)
+    trajectories = make_trajectories(teacher, n, sampler, steps, batch_size, seed, contexts)
     seconds = time.perf_counter() - start
     meta = {"teacher": str(teacher_path), "sampler": repr(sampler), "n": n, "steps": steps, "seed": seed}
     meta["seconds"] = seconds
@@ -135,6 +149,7 @@ class TeacherTrajectories:
                 steps,
                 self.batch_size,
                 datamodule.seed,
+                getattr(datamodule, "contexts", None),  # a policy's observations
             )
             return trajectories
 
