@@ -151,6 +151,12 @@ def test_a_policy_trains_and_rolls_out_with_its_success_logged(tmp_path):
     assert (
         json.loads((tmp_path / "run" / "metrics.json").read_text())["val/success_rate"] == metrics["val/success_rate"]
     )
+    from flowdiff.evaluation import sample  # sample.py on a policy checkpoint rolls it out, with any sampler
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = sample(compose_cfg([f"ckpt={ckpt}", "rollout.n_episodes=3", "sampler.steps=3"], tmp_path / "s", "sample"))
+    assert out["nfe"] == 3 and out["episodes"] == 3 and 0 <= out["success_rate"] <= 1 and out["ms_per_chunk"] > 0
+    assert out["expert_success_rate"] == 1.0 and (tmp_path / "s" / "rollouts.png").exists()
 
 
 @pytest.mark.slow

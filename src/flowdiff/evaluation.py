@@ -101,6 +101,8 @@ def sample(cfg: DictConfig) -> dict:
     }
     if dm.kind == "image":
         metrics.update(_sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir, device))
+    elif dm.kind == "policy":
+        metrics.update(_roll_out(cfg, module, dm, sampler, run_dir))
     else:
         metrics.update(_sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir, device))
     if nll_n > 0:
@@ -108,7 +110,8 @@ def sample(cfg: DictConfig) -> dict:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     table = _append_row(metrics)
     for label, name in (("samples", "samples.pt"), ("metrics", "metrics.json")):
-        print(f"{label}: {run_dir / name}")
+        if (run_dir / name).exists():
+            print(f"{label}: {run_dir / name}")
     if table is not None:
         print(f"sweep table: {table}")
     return metrics
@@ -162,6 +165,28 @@ def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pa
     plt.close(fig)
     print(title)
     print(f"plot: {run_dir / 'samples.png'}")
+    return out
+
+
+def _roll_out(cfg, module, dm, sampler, run_dir: Path) -> dict:
+    """A policy: ``rollout.n_episodes`` episodes from starts disjoint from the demonstrations (and from the training
+    run's own evaluation starts), receding horizon; the success rate, steps, ms per chunk and a plot of the paths."""
+    from flowdiff.policies.rollout import plot_rollouts, rollout
+
+    rcfg = cfg.get("rollout") or {}
+    episodes = int(rcfg.get("n_episodes", 50))
+    check_setting("rollout.n_episodes", episodes, lambda v: v >= 1, "at least 1", whole=True)
+    result = rollout(module, dm, episodes, dm.evaluation_seed(2 + int(cfg.seed)), sampler, rcfg.get("n_action_steps"))
+    title = f"{type(sampler).__name__}, NFE {result['nfe']}: success {result['success_rate']:.0%} of {episodes}"
+    plot_rollouts(result, run_dir / "rollouts.png", title)
+    out = {k: float(result[k]) for k in ("success_rate", "steps_to_success", "ms_per_chunk", "wall_ms_per_chunk")}
+    out.update(nfe=result["nfe"], episodes=episodes, expert_success_rate=dm.expert_success_rate)
+    out.update({f"success_rate/{task}": rate for task, rate in result["per_task"].items()})
+    print(
+        f"{title} (the demonstrations' expert {dm.expert_success_rate:.0%}); {out['ms_per_chunk']:.1f} ms per chunk "
+        f"(network), {out['wall_ms_per_chunk']:.1f} ms with the simulator"
+    )
+    print(f"plot: {run_dir / 'rollouts.png'}")
     return out
 
 
