@@ -38,8 +38,18 @@ def test_evaluation_starts_are_disjoint_from_the_demonstrations(tmp_path):
     env = dm.make_env(3, dm.evaluation_seed())
     evaluation = env.reset()
     assert evaluation.shape == (3, 39) and torch.cdist(evaluation[:, -3:], starts[:, -3:]).min() > 1e-3  # goals
+    for _ in range(5):  # a used simulator, reset to another start and back, is where a new one would be
+        env.step(2 * torch.rand(3, 4) - 1)
+    mw.MetaWorldEpisodes(["reach-v3"], 3, seed=1).reset()
     assert torch.equal(env.reset(), evaluation)  # a start is a function of its seed and index alone
-    assert dm.data_shape == (16, 4) or dm.data_shape == (dm.horizon, 4)
+    fresh = mw._benchmark("reach-v3", 0).train_classes["reach-v3"]()  # outside the pool
+    fresh.set_task(mw.start("reach-v3", dm.evaluation_seed(), 2))
+    assert torch.equal(torch.as_tensor(fresh.reset()[0], dtype=torch.float32), evaluation[2])
+    assert dm.data_shape == (8, 4)  # the class's horizon (the config's is 16)
+    later = mw.MetaWorldEpisodes(["reach-v3"], 3, seed=2)
+    later.reset()  # takes the pooled simulators over
+    with pytest.raises(RuntimeError, match="reset by a later episode set"):
+        env.step(torch.zeros(3, 4))
     # the chunks past an episode's end repeat its last action (a closed gripper stays closed)
     last = dm.episodes[0]["actions"][-1]
     assert torch.allclose(dm.normaliser.actions_out(dm.chunks[len(dm.episodes[0]["actions"]) - 1][None])[0, -1], last)
@@ -94,7 +104,10 @@ def test_a_metaworld_policy_trains_rolls_out_and_keeps_its_normalisation(tmp_pat
     assert torch.equal(dm.normaliser.act_mean, shifted)
 
 
-def test_without_the_extra_data_metaworld_is_one_sentence(monkeypatch):
+def test_without_the_extra_data_metaworld_is_one_sentence(monkeypatch, tmp_path):
+    from flowdiff.build import build_datamodule
+
     monkeypatch.setitem(sys.modules, "metaworld", None)  # import metaworld now raises ImportError
-    with pytest.raises(ConfigError, match=r"pip install -e '\.\[robot\]'"):
-        mw.require_metaworld()
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[robot\]'") as err:
+        build_datamodule(compose_cfg(["data=metaworld"], tmp_path))  # through Hydra's instantiate
+    assert "\n" not in str(err.value) and "InstantiationException" not in str(err.value)

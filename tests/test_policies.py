@@ -209,7 +209,7 @@ def test_a_one_step_student_of_a_policy_teacher_is_conditioned_on_the_teachers_c
     pairs = dm.pairs
     assert "y" not in pairs and pairs["c"].shape == (32, dm.context_dim)
     assert all(any(torch.equal(row, c) for c in dm.contexts) for row in pairs["c"][:4])  # the data's observations
-    teacher, _, _ = load_checkpoint(ckpt)
+    teacher, teacher_dm, _ = load_checkpoint(ckpt)
     from flowdiff.samplers import EulerSampler
 
     again = teacher.sample(4, EulerSampler(steps=2), y=pairs["c"][:4], x0=pairs["xs"][:4, 0]).x
@@ -223,3 +223,8 @@ def test_a_one_step_student_of_a_policy_teacher_is_conditioned_on_the_teachers_c
     assert torch.equal(seen[0], batch["c"])
     metrics = train(compose_cfg(student_cfg, tmp_path / "student"))
     assert metrics["nfe"] == 1 and 0 <= metrics["val/success_rate"] <= 1
+    # the student's checkpoint keeps the normalisation (inside its pairs' state), so it rolls out in its units
+    saved = torch.load(tmp_path / "student" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert torch.equal(saved["PairsDataModule"]["base"]["normaliser"]["act_std"], dm.normaliser.act_std)
+    _, alone, _ = load_checkpoint(tmp_path / "student" / "checkpoints" / "last.ckpt")
+    assert torch.equal(alone.normaliser.obs_mean, teacher_dm.normaliser.obs_mean)

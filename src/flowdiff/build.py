@@ -78,7 +78,7 @@ def build_datamodule(cfg: DictConfig):
         return instantiate(cfg.data)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        if isinstance(cause, DataError):
+        if isinstance(cause, (DataError, ConfigError)):  # e.g. data=metaworld without the robot extra
             raise ConfigError(str(cause)) from None
         raise
 
@@ -205,7 +205,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", compil
     check_weights_fit(model, {"state_dict": weights}, path, "ckpt")
     model.load_state_dict(weights)
     state = ckpt.get(type(datamodule).__qualname__)  # Lightning's key for the datamodule's state_dict()
-    if state is not None and hasattr(datamodule, "load_state_dict"):
+    if state is None:  # a student of a stage: its data's state within the pairs' (load_checkpoint builds the data)
+        state = (ckpt.get("PairsDataModule") or {}).get("base")
+    if state and hasattr(datamodule, "load_state_dict"):
         datamodule.load_state_dict(state)  # e.g. a policy's normalisation: rollouts apply what training used
     return model.to(device).eval(), datamodule, cfg
 

@@ -102,7 +102,8 @@ def sample(cfg: DictConfig) -> dict:
     if dm.kind == "image":
         metrics.update(_sample_images(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir, device))
     elif dm.kind == "policy":
-        metrics.update(_roll_out(cfg, module, dm, sampler, run_dir))
+        metrics.pop("n")  # episodes, not samples
+        metrics.update(_roll_out(cfg, module, dm, sampler, scale, run_dir))
     else:
         metrics.update(_sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir, device))
     if nll_n > 0:
@@ -168,7 +169,7 @@ def _sample_vectors(cfg, module, dm, sampler, sampler_cfg, scale, n, run_dir: Pa
     return out
 
 
-def _roll_out(cfg, module, dm, sampler, run_dir: Path) -> dict:
+def _roll_out(cfg, module, dm, sampler, scale: float | None, run_dir: Path) -> dict:
     """A policy: ``rollout.n_episodes`` episodes from starts disjoint from the demonstrations (and from the training
     run's own evaluation starts), receding horizon; the success rate, steps, ms per chunk and a plot of the paths."""
     from flowdiff.policies.rollout import plot_rollouts, rollout
@@ -176,7 +177,8 @@ def _roll_out(cfg, module, dm, sampler, run_dir: Path) -> dict:
     rcfg = cfg.get("rollout") or {}
     episodes = int(rcfg.get("n_episodes", 50))
     check_setting("rollout.n_episodes", episodes, lambda v: v >= 1, "at least 1", whole=True)
-    result = rollout(module, dm, episodes, dm.evaluation_seed(2 + int(cfg.seed)), sampler, rcfg.get("n_action_steps"))
+    seed = dm.evaluation_seed(2 + int(cfg.seed))
+    result = rollout(module, dm, episodes, seed, sampler, rcfg.get("n_action_steps"), scale)
     title = f"{type(sampler).__name__}, NFE {result['nfe']}: success {result['success_rate']:.0%} of {episodes}"
     plot_rollouts(result, run_dir / "rollouts.png", title)
     out = {k: float(result[k]) for k in ("success_rate", "steps_to_success", "ms_per_chunk", "wall_ms_per_chunk")}

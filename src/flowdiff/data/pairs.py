@@ -62,6 +62,16 @@ class PairsDataModule(FreshBatchStream):
         if self.pairs is None and stage in (None, "fit"):
             self.pairs = self._make_pairs()
 
+    def state_dict(self) -> dict:
+        """The stream position and the data's own state (a policy's normalisation: the student rolls out with it)."""
+        base = self.base.state_dict() if hasattr(self.base, "state_dict") else {}
+        return {**super().state_dict(), "base": base}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state.get("base") and hasattr(self.base, "load_state_dict"):
+            self.base.load_state_dict(state["base"])
+
     def draw(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         idx = torch.randint(len(self.pairs["xs"]), (n,), generator=generator)
         xs = self.pairs["xs"][idx]

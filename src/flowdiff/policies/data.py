@@ -94,13 +94,17 @@ class PolicyDataModule(FreshBatchStream):
         self.demos, self.horizon, self.obs_horizon, self.n_action_steps = demos, horizon, obs_horizon, n_action_steps
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.episodes = self.demonstrations(demos, stream_seed("demonstrations", seed) % 2**31)
-        obs, actions = chunks_of(self.episodes, horizon, obs_horizon, self.pad_with_last_action)
-        self.normaliser = Normaliser(obs, actions)
-        self.contexts = self.normaliser.context(obs)  # (N, obs_horizon * O)
-        self.chunks = self.normaliser.actions_in(actions)  # (N, horizon, A)
+        self.raw = chunks_of(self.episodes, horizon, obs_horizon, self.pad_with_last_action)  # observations, actions
+        self.normaliser = Normaliser(*self.raw)
         g = torch.Generator().manual_seed(stream_seed("policy val set", seed) % 2**31)
-        idx = torch.randperm(len(self.chunks), generator=g)[:n_val]
-        self.val_set = {"x1": self.chunks[idx], "c": self.contexts[idx]}
+        self.val_index = torch.randperm(len(self.raw[1]), generator=g)[:n_val]
+        self.normalise()
+
+    def normalise(self) -> None:
+        """The training chunks and contexts and the validation set, in the normaliser's units."""
+        self.contexts = self.normaliser.context(self.raw[0])  # (N, obs_horizon * O)
+        self.chunks = self.normaliser.actions_in(self.raw[1])  # (N, horizon, A)
+        self.val_set = {"x1": self.chunks[self.val_index], "c": self.contexts[self.val_index]}
 
     # ------------------------------------------------------------------ subclasses
     def demonstrations(self, n: int, seed: int) -> list[dict[str, Tensor]]:  # pragma: no cover
@@ -142,8 +146,9 @@ class PolicyDataModule(FreshBatchStream):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        if "normaliser" in state:
+        if "normaliser" in state:  # the checkpoint's statistics for everything: a resumed run trains in its units
             self.normaliser.load_state_dict(state["normaliser"])
+            self.normalise()
 
     def data_moments(self, n: int = 10_000) -> tuple[Tensor, Tensor]:
         return self.chunks.mean(0), self.chunks.var(0)

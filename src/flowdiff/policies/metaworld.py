@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ CACHE = Path("~/.cache/flowdiff/demos").expanduser()
 TASKS_PER_BENCHMARK = 50  # Meta-World's goals per MT1 benchmark
 STATE_DIM, ACTION_DIM = 39, 4
 FORMAT = 1  # of the cached demonstrations: bump when what is recorded changes
+WAVE = 50  # demonstrations generated side by side, per task
 
 
 def require_metaworld():
@@ -94,13 +96,15 @@ def _environments(task: str, n: int) -> list:
 class MetaWorldEpisodes:
     """``n`` episodes side by side, episode ``i`` of task ``tasks[i % len(tasks)]``. ``reset() -> obs (n, O)``;
     ``step(actions (n, 4)) -> obs``; ``success``, ``done`` and ``steps_to_success`` are ``(n,)``; ``path`` the hand's
-    positions, a list of ``(n, 3)``. An episode ends at its first success or after ``max_steps`` steps."""
+    positions, a list of ``(n, 3)``. An episode ends at its first success or after ``max_steps`` steps. The
+    starts are episodes ``first, first + 1, ...`` of each task's. Simulators are shared with later episode sets (a
+    pool): the last set reset owns them, and stepping an earlier one is an error."""
 
     action_dim = ACTION_DIM
 
-    def __init__(self, tasks: list[str], n: int, seed: int, max_steps: int = 500) -> None:
+    def __init__(self, tasks: list[str], n: int, seed: int, max_steps: int = 500, first: int = 0) -> None:
         require_metaworld()
-        self.tasks, self.n, self.seed = list(tasks), n, seed
+        self.tasks, self.n, self.seed, self.first = list(tasks), n, seed, first
         self.max_steps = max_steps
         self.task_of = [i % len(self.tasks) for i in range(n)]
         per_task = {k: [i for i in range(n) if self.task_of[i] == k] for k in range(len(self.tasks))}
@@ -123,8 +127,9 @@ class MetaWorldEpisodes:
         states = []
         for i, env in enumerate(self.envs):
             k = self.task_of[i]
-            env.set_task(start(self.tasks[k], self.seed, i // len(self.tasks)))
+            env.set_task(start(self.tasks[k], self.seed, self.first + i // len(self.tasks)))
             state, _ = env.reset()
+            env.flowdiff_owner = self
             states.append(state)
         self.states = np.stack(states)  # (n, 39): what the experts read
         self.steps = 0
@@ -144,6 +149,8 @@ class MetaWorldEpisodes:
         for i, env in enumerate(self.envs):
             if self.success[i] or self.steps > self.max_steps:
                 continue  # an ended episode holds still
+            if env.flowdiff_owner is not self:
+                raise RuntimeError("these simulators were reset by a later episode set: step one set at a time")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 state, _, _, _, info = env.step(a[i])
@@ -205,22 +212,29 @@ def demonstrations(
     name = "+".join(tasks) if len(tasks) <= 3 else f"{len(tasks)}tasks"
     path = Path(cache_dir).expanduser() if cache_dir else CACHE
     path = path / f"metaworld-{name}-n{n}-seed{seed}-{digest}.pt"
+    stored = None
     if path.exists():
         began = time.perf_counter()
-        stored = torch.load(path, weights_only=True)
-        if stored["key"] == key:
+        try:
+            stored = torch.load(path, weights_only=True)
+        except Exception:  # a damaged file: made again
+            stored = None
+        if stored is not None and stored["key"] == key:
             print(
                 f"demonstrations: {len(stored['episodes'])} episodes read from {path} "
                 f"({time.perf_counter() - began:.2f} s)"
             )
             return stored["episodes"]
     began = time.perf_counter()
-    episodes = run_expert(MetaWorldEpisodes(tasks, n * len(tasks), seed, max_steps))
+    episodes = []
+    for first in range(0, n, WAVE):  # at most WAVE simulators per task at a time (about 24 MB each)
+        m = min(WAVE, n - first)
+        episodes += run_expert(MetaWorldEpisodes(tasks, m * len(tasks), seed, max_steps, first))
     seconds = time.perf_counter() - began
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")  # one per writer
     torch.save({"key": key, "episodes": episodes}, partial)
-    partial.replace(path)  # atomic: a reader never sees half a file
+    partial.replace(path)  # atomic: a reader never sees half a file, concurrent writers leave one whole file
     rate = sum(ep["success"] for ep in episodes) / len(episodes)
     steps = sum(len(ep["actions"]) for ep in episodes)
     print(

@@ -14,7 +14,15 @@ from flowdiff.callbacks.periodic import EveryNEpochs
 
 
 @torch.no_grad()
-def rollout(model, dm, n_episodes: int, seed: int, sampler=None, n_action_steps: int | None = None) -> dict:
+def rollout(
+    model,
+    dm,
+    n_episodes: int,
+    seed: int,
+    sampler=None,
+    n_action_steps: int | None = None,
+    guidance_scale: float | None = None,
+) -> dict:
     """Run ``n_episodes`` of ``dm``'s environment from the starts of ``seed`` with ``model`` (a ``FlowModel``)
     generating action chunks conditioned on the normalised observation history. Returns the success rate, the mean
     steps to success, ms per chunk (network alone and wall), the NFE per chunk, and the episodes' paths."""
@@ -30,7 +38,7 @@ def rollout(model, dm, n_episodes: int, seed: int, sampler=None, n_action_steps:
         context = dm.normaliser.context(torch.stack(list(history), 1)).to(model.device)
         sync()
         start = time.perf_counter()
-        result = model.sample(n_episodes, sampler, y=context, generator=g)
+        result = model.sample(n_episodes, sampler, y=context, guidance_scale=guidance_scale, generator=g)
         sync()
         net_s += time.perf_counter() - start
         nfe = result.nfe

@@ -114,12 +114,17 @@ class Stage:
         teacher = self.teacher
         if teacher is None:
             return
-        ours = (datamodule.name, tuple(datamodule.data_shape))
-        theirs = (teacher.datamodule.name, tuple(teacher.datamodule.data_shape))
+
+        def identity(dm) -> tuple:  # a policy's tasks too: the same shapes, another task's observations
+            tasks = getattr(dm, "tasks", None)
+            return (dm.name, tuple(dm.data_shape), *([f"tasks {tasks}"] if tasks else []))
+
+        ours, theirs = identity(datamodule), identity(teacher.datamodule)
         if ours != theirs:
             raise ConfigError(
-                f"stage={self.name}: the teacher was trained on data={theirs[0]} {theirs[1]}, this run is on "
-                f"data={ours[0]} {ours[1]}: use the teacher's data (leave data unset: the stage takes it)"
+                f"stage={self.name}: the teacher was trained on data={theirs[0]} {' '.join(map(str, theirs[1:]))}, "
+                f"this run is on data={ours[0]} {' '.join(map(str, ours[1:]))}: use the teacher's data (leave data "
+                "unset: the stage takes it)"
             )
         guided, teacher_guided = model.guidance is not None, teacher.model.guidance is not None
         if guided != teacher_guided:
