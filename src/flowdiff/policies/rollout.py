@@ -54,7 +54,8 @@ def rollout(
     per_task = {}
     for k, task in enumerate(getattr(env, "tasks", [])):  # Meta-World: each task's own rate
         members = torch.tensor([t == k for t in env.task_of])
-        per_task[task] = float(env.success[members].float().mean())
+        if members.any():  # fewer episodes than tasks leave some out
+            per_task[task] = float(env.success[members].float().mean())
     return {
         "success_rate": float(env.success.float().mean()),
         "steps_to_success": float(won.float().mean()) if len(won) else float("nan"),
