@@ -101,6 +101,8 @@ class MetaWorldEpisodes:
     pool): the last set reset owns them, and stepping an earlier one is an error."""
 
     action_dim = ACTION_DIM
+    # MuJoCo renders offscreen only with an OpenGL context (EGL or OSMesa), which these machines lack (measured)
+    no_video = "flowdiff does not record MuJoCo videos (offscreen rendering needs an EGL or OSMesa context)"
 
     def __init__(self, tasks: list[str], n: int, seed: int, max_steps: int = 500, first: int = 0) -> None:
         require_metaworld()

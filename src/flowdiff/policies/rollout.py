@@ -119,6 +119,7 @@ class PolicyRollout(EveryNEpochs):
             name = f"rollouts_step{trainer.global_step:07d}.png"
             title = f"step {trainer.global_step}: success {result['success_rate']:.0%} of {self.n_episodes}"
             self.last_path = plot_rollouts(result, run_dir / "plots" / name, title)
-            if not self.said_no_video:  # MuJoCo renders offscreen only with an OpenGL (EGL/OSMesa) context
-                print("rollout video skipped: the episodes are not rendered; the plot draws the paths")
+            why = getattr(result["env"], "no_video", None)
+            if why and not self.said_no_video:
+                print(f"rollout video skipped: {why}; the plot draws the paths")
                 self.said_no_video = True
