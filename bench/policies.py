@@ -102,7 +102,7 @@ def main(argv=None) -> str:
                 for seed in args.seeds:
                     r = run(task, method, demos, seed, args.steps, args.episodes)
                     dm = r.pop("dm")
-                    if task not in experts:  # the experts from the evaluation starts (they do not depend on seed)
+                    if task not in experts:  # the experts from the first seed's evaluation starts
                         experts[task] = (
                             sum(e["success"] for e in run_expert(dm.make_env(args.episodes, dm.evaluation_seed(1))))
                             / args.episodes
