@@ -40,14 +40,14 @@ def test_evaluation_starts_are_disjoint_from_the_demonstrations(tmp_path):
     assert evaluation.shape == (3, 39) and torch.cdist(evaluation[:, -3:], starts[:, -3:]).min() > 1e-3  # goals
     for _ in range(5):  # a used simulator, reset to another start and back, is where a new one would be
         env.step(2 * torch.rand(3, 4) - 1)
-    mw.MetaWorldEpisodes(["reach-v3"], 3, seed=1).reset()
+    other = mw.MetaWorldEpisodes(["reach-v3"], 3, seed=1)
+    other.reset()
     assert torch.equal(env.reset(), evaluation)  # a start is a function of its seed and index alone
     fresh = mw._benchmark("reach-v3", 0).train_classes["reach-v3"]()  # outside the pool
     fresh.set_task(mw.start("reach-v3", dm.evaluation_seed(), 2))
     assert torch.equal(torch.as_tensor(fresh.reset()[0], dtype=torch.float32), evaluation[2])
     assert dm.data_shape == (8, 4)  # the class's horizon (the config's is 16)
-    later = mw.MetaWorldEpisodes(["reach-v3"], 3, seed=2)
-    later.reset()  # takes the pooled simulators over
+    other.reset()  # takes the pooled simulators over
     with pytest.raises(RuntimeError, match="reset by a later episode set"):
         env.step(torch.zeros(3, 4))
     # the chunks past an episode's end repeat its last action (a closed gripper stays closed)
