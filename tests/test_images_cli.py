@@ -40,6 +40,7 @@ def test_train_reports_fid_with_floor_and_extractor_and_grids(image_run):
     assert metrics["val/fid_floor"] > 0 and metrics["global_step"] == 3
 
 
+@pytest.mark.slow  # 19 s: make test-all (sample.py's image FID stays in the fast suite, below)
 def test_sample_images_fid_sweep_table_and_bits_per_dim(image_run, tmp_path, capsys):
     from flowdiff.evaluation import sample
 
