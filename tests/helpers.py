@@ -16,6 +16,19 @@ import flowdiff.configs  # noqa: F401  (the ${default:} resolver of the config f
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# a policy run of a few steps: a tiny net, two rollout episodes of two network evaluations per chunk
+POLICY_FAST = [
+    "trainer.max_steps=4",
+    "data.steps_per_epoch=4",
+    "data.batch_size=16",
+    "net.width=32",
+    "net.depth=1",
+    "callbacks.rollout.n_episodes=2",
+    "sampler.steps=2",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+]
+
 FAST = [
     "trainer.max_steps=6",
     "data.steps_per_epoch=3",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowdiff.errors import ConfigError
-from helpers import compose_cfg
+from helpers import POLICY_FAST, compose_cfg
 
 pytest.importorskip("metaworld", reason="Meta-World is the robot extra: pip install -e '.[robot]'")
 
@@ -73,18 +73,10 @@ def test_a_metaworld_policy_trains_rolls_out_and_keeps_its_normalisation(tmp_pat
     cfg = compose_cfg(
         [
             "experiment=metaworld_reach",
-            "trainer.max_steps=4",
-            "data.steps_per_epoch=4",
+            *POLICY_FAST,
             "data.demos=2",
             "data.max_steps=40",
             f"data.cache_dir={tmp_path / 'demos'}",
-            "data.batch_size=16",
-            "net.width=32",
-            "net.depth=1",
-            "callbacks.rollout.n_episodes=2",
-            "sampler.steps=2",
-            "callbacks.progress_bar=null",
-            "trainer.enable_progress_bar=false",
         ],
         tmp_path / "run",
     )

@@ -14,7 +14,7 @@ from flowdiff.paths import CondOTSchedule, GaussianPath
 from flowdiff.policies.data import ObstacleDataModule
 from flowdiff.policies.obstacle import ObstacleReach, expert_demonstrations
 from flowdiff.samplers import ConsistencySampler
-from helpers import compose_cfg
+from helpers import POLICY_FAST, compose_cfg
 
 
 @pytest.mark.parametrize("net_cls", [PolicyMLP, PolicyUNet1D])
@@ -125,19 +125,7 @@ def test_a_policy_trains_and_rolls_out_with_its_success_logged(tmp_path):
     from flowdiff.runs import train
 
     cfg = compose_cfg(
-        [
-            "experiment=obstacle_flow",
-            "trainer.max_steps=4",
-            "data.steps_per_epoch=4",
-            "data.demos=4",
-            "data.batch_size=16",
-            "net.width=32",
-            "net.depth=1",
-            "callbacks.rollout.n_episodes=2",
-            "sampler.steps=2",
-            "callbacks.progress_bar=null",
-            "trainer.enable_progress_bar=false",
-        ],
+        ["experiment=obstacle_flow", *POLICY_FAST, "data.demos=4"],
         tmp_path / "run",
     )
     from flowdiff.build import build_callbacks, build_datamodule
@@ -197,9 +185,9 @@ def test_a_one_step_student_of_a_policy_teacher_is_conditioned_on_the_teachers_c
     from flowdiff.build import build_run, load_checkpoint
     from flowdiff.runs import train
 
-    small = ["experiment=obstacle_flow", "data.demos=4", "data.batch_size=16", "net.width=32", "net.depth=1"]
-    small += ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.rollout.n_episodes=2"]
-    small += ["trainer.max_steps=4", "data.steps_per_epoch=4", f"log_root={tmp_path}"]
+    # the student's sampler follows stage.steps, so only the teacher's is set
+    small = ["experiment=obstacle_flow", "data.demos=4", f"log_root={tmp_path}"]
+    small += [o for o in POLICY_FAST if not o.startswith("sampler.")]
     train(compose_cfg([*small, "sampler.steps=2"], tmp_path / "teacher"))
     ckpt = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
     student_cfg = [*small, "stage=distill", f"teacher={ckpt}", "stage.steps=1", "stage.n_pairs=32"]

@@ -187,10 +187,7 @@ class MetaWorldDataModule(PolicyDataModule):
     def __init__(
         self, task: str | list[str] = "reach-v3", max_steps: int = 500, cache_dir: str | None = None, **kwargs
     ) -> None:
-        from flowdiff.policies.metaworld import check_tasks
-
-        self.tasks = [task] if isinstance(task, str) else list(task)
-        check_tasks(self.tasks)
+        self.tasks = [task] if isinstance(task, str) else list(task)  # checked by demonstrations()
         self.max_steps, self.cache_dir = max_steps, cache_dir
         super().__init__(**kwargs)
 

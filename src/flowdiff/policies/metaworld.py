@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from flowdiff.errors import ConfigError
+from flowdiff.policies.episodes import record_episodes
 from flowdiff.seeds import stream_seed
 
 INSTALL = "pip install -e '.[robot]'"
@@ -100,7 +101,6 @@ class MetaWorldEpisodes:
     starts are episodes ``first, first + 1, ...`` of each task's. Simulators are shared with later episode sets (a
     pool): the last set reset owns them, and stepping an earlier one is an error."""
 
-    action_dim = ACTION_DIM
     # MuJoCo renders offscreen only with an OpenGL context (EGL or OSMesa), which these machines lack (measured)
     no_video = "flowdiff does not record MuJoCo videos (offscreen rendering needs an EGL or OSMesa context)"
 
@@ -109,12 +109,11 @@ class MetaWorldEpisodes:
         self.tasks, self.n, self.seed, self.first = list(tasks), n, seed, first
         self.max_steps = max_steps
         self.task_of = [i % len(self.tasks) for i in range(n)]
-        per_task = {k: [i for i in range(n) if self.task_of[i] == k] for k in range(len(self.tasks))}
         self.envs: list = [None] * n
-        for k, members in per_task.items():
-            for env, i in zip(_environments(self.tasks[k], len(members)), members):
+        for k, task in enumerate(self.tasks):  # episodes k, k + K, ... are task k's
+            members = range(k, n, len(self.tasks))
+            for env, i in zip(_environments(task, len(members)), members):
                 self.envs[i] = env
-        self.observation_dim = STATE_DIM + (len(self.tasks) if len(self.tasks) > 1 else 0)
         for env in self.envs:
             if max_steps > env.max_path_length:
                 raise ConfigError(f"data.max_steps={max_steps} is over Meta-World's {env.max_path_length} steps")
@@ -189,17 +188,7 @@ def _experts(tasks: tuple[str, ...]) -> list:
 def run_expert(env: MetaWorldEpisodes) -> list[dict[str, Tensor]]:
     """The experts' episodes ``{"obs": (T + 1, O), "actions": (T, 4), "success": bool}`` from ``env``'s starts, each
     ending at its first success."""
-    obs, actions = [env.reset()], []
-    while not bool(env.done.all()):
-        a = env.expert_actions()
-        actions.append(a)
-        obs.append(env.step(a))
-    obs_t, act_t = torch.stack(obs, 1), torch.stack(actions, 1)  # (n, T + 1, O), (n, T, 4)
-    episodes = []
-    for i in range(env.n):
-        end = int(env.steps_to_success[i]) if env.success[i] else env.steps
-        episodes.append({"obs": obs_t[i, : end + 1], "actions": act_t[i, :end], "success": bool(env.success[i])})
-    return episodes
+    return record_episodes(env, lambda obs: env.expert_actions())
 
 
 def demonstrations(

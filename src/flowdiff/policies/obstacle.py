@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowdiff.policies.episodes import record_episodes
+
 
 class ObstacleReach:
     """``n`` episodes side by side. ``reset() -> obs (n, 2)``; ``step(actions (n, 2)) -> obs``; ``success``,
@@ -95,16 +97,10 @@ def expert_demonstrations(n: int, seed: int, **env_kwargs) -> list[dict[str, Ten
     """``n`` expert episodes ``{"obs": (T + 1, 2), "actions": (T, 2), "success": bool}`` from starts of ``seed``."""
     env = ObstacleReach(n, seed, **env_kwargs)
     expert = ObstacleExpert(n, seed)
-    obs, actions = [env.reset()], []
-    while not bool(env.done.all()):
-        a = expert(obs[-1], env)
+
+    def act(pos: Tensor) -> Tensor:
+        a = expert(pos, env)
         norm = a.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        a = a * (env.max_step / norm).clamp(max=1.0)  # what the environment executes
-        actions.append(a)
-        obs.append(env.step(a))
-    obs_t, act_t = torch.stack(obs, 1), torch.stack(actions, 1)  # (n, T + 1, 2), (n, T, 2)
-    episodes = []
-    for i in range(n):
-        end = int(env.steps_to_success[i]) if env.success[i] else env.steps
-        episodes.append({"obs": obs_t[i, : end + 1], "actions": act_t[i, :end], "success": bool(env.success[i])})
-    return episodes
+        return a * (env.max_step / norm).clamp(max=1.0)  # what the environment executes
+
+    return record_episodes(env, act)
