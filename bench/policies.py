@@ -13,7 +13,8 @@ the data's ``n_action_steps`` of each chunk); the experts' own rate from the sam
 ms per chunk: the median of 7 re-plans of ``--episodes`` chunks after a warm-up, the network alone.
 
 Needs ``pip install -e '.[robot]'``. CPU budget: about 2 minutes per run (2,000 steps of the policy MLP at batch
-256 and 50 episodes) on 2 cores, so the full protocol is about 3 hours.
+256 and 50 episodes; a student run, with its teacher, 3-4 minutes) on 2 cores, so the full protocol is about
+4 hours.
 """
 
 from __future__ import annotations
