@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import statistics
-import tempfile
 import time
+from pathlib import Path
 
 from common import RESULTS, compose, markdown_table, median_ms, save_json
 
+from flowdiff.build import load_checkpoint
 from flowdiff.policies.metaworld import run_expert
 from flowdiff.policies.rollout import plot_rollouts, rollout
 from flowdiff.runs import fit
@@ -59,20 +61,35 @@ def chunk_ms(model, dm, episodes: int) -> float:
     return median_ms(lambda: model.sample(len(context), y=context))
 
 
-def run(task: str, method: str, demos: int, seed: int, steps: int, episodes: int) -> dict:
+def run(task: str, method: str, demos: int, seed: int, steps: int, episodes: int, teacher_dir: Path) -> dict:
+    """One training run and its rollouts. The flow policy keeps its last checkpoint in ``teacher_dir``: the
+    one-step student of the same task, demonstrations and seed distills that run (trained first where missing)."""
     name = task.replace("-", "_")
     common = [f"experiment=metaworld_{name}", f"data.demos={demos}", f"seed={seed}", f"trainer.max_steps={steps}"]
     common += [f"data.steps_per_epoch={steps}", *QUIET]
+    teacher_ckpt = teacher_dir / f"{task}-{demos}-{seed}-{steps}" / "checkpoints" / "last.ckpt"
     began = time.perf_counter()
     teacher = None
-    if method == "student":  # the flow policy first, with its last checkpoint kept for the stage
-        run_dir = tempfile.mkdtemp(prefix="flowdiff-policy-teacher-")
-        keep = [o for o in common if not o.startswith("callbacks.checkpoint")]
+    if method in ("flow", "student") and not teacher_ckpt.exists():  # the flow policy, its last checkpoint kept
+        keep = [o for o in common if not o.startswith("callbacks.last_checkpoint")]
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            module, dm, _, _, _ = fit(compose(keep, run_dir))
-        teacher = rollout(module.model.eval(), dm, episodes, dm.evaluation_seed(1))
-        teacher["ms_per_chunk"] = chunk_ms(module.model, dm, episodes)
-        common = [*common, f"teacher={run_dir}/checkpoints/last.ckpt", f"stage.cache_dir={run_dir}/pairs"]
+            module, dm, _, _, train_s = fit(compose(keep, teacher_ckpt.parents[1]))
+        if method == "flow":
+            out = rollout(module.model.eval(), dm, episodes, dm.evaluation_seed(1))
+            out["ms_per_chunk"] = chunk_ms(module.model, dm, episodes)  # the rollout's mean holds one-time costs
+            out["train_s"], out["minutes"], out["dm"] = train_s, (time.perf_counter() - began) / 60, dm
+            return out
+    if method == "flow":  # trained before, for a student: evaluated from its checkpoint
+        model, dm, _ = load_checkpoint(teacher_ckpt)
+        out = rollout(model.eval(), dm, episodes, dm.evaluation_seed(1))
+        out["ms_per_chunk"] = chunk_ms(model, dm, episodes)
+        out["train_s"], out["minutes"], out["dm"] = float("nan"), (time.perf_counter() - began) / 60, dm
+        return out
+    if method == "student":
+        teacher_model, teacher_dm, _ = load_checkpoint(teacher_ckpt)
+        teacher = rollout(teacher_model.eval(), teacher_dm, episodes, teacher_dm.evaluation_seed(1))
+        teacher["ms_per_chunk"] = chunk_ms(teacher_model, teacher_dm, episodes)
+        common = [*common, f"teacher={teacher_ckpt}", f"stage.cache_dir={teacher_ckpt.parents[1]}/pairs"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         module, dm, _, _, train_s = fit(compose([*common, *METHODS[method]]))
     out = rollout(module.model.eval(), dm, episodes, dm.evaluation_seed(1))
@@ -84,89 +101,93 @@ def run(task: str, method: str, demos: int, seed: int, steps: int, episodes: int
     return out
 
 
+def summary_rows(records: list[dict], experts: dict) -> list[list[str]]:
+    """One row per task, demonstrations and method: success mean ± sd over seeds, the expert, ms, minutes."""
+    rows = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["demos"], r["method"]), []).append(r)
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (task, demos, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
+        rates = [r["success_rate"] for r in rs]
+        label = method
+        if method == "student":
+            label = (
+                f"one-step student (its teacher {100 * statistics.mean(r['teacher_success_rate'] for r in rs):.0f}%, "
+                f"{statistics.median(r['teacher_ms_per_chunk'] for r in rs):.1f} ms)"
+            )
+        rows.append(
+            [
+                f"{task}-v3",
+                str(demos),
+                label,
+                f"{100 * statistics.mean(rates):.0f} ± {100 * statistics.stdev(rates):.0f} (n={len(rates)})"
+                if len(rates) > 1
+                else f"{100 * rates[0]:.0f} (n=1)",
+                f"{100 * experts.get(task, rs[0]['expert']):.0f}",
+                f"{statistics.median(r['ms_per_chunk'] for r in rs):.1f}",
+                f"{sum(r['minutes'] for r in rs):.1f}",
+            ]
+        )
+    return rows
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=TASKS)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))  # student: with teacher
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--demos", nargs="+", type=int, default=[10, 50])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--fresh", action="store_true", help="forget the runs already in docs/bench/policies.json")
+    p.add_argument("--teachers", type=Path, default=Path.home() / ".cache" / "flowdiff" / "bench-policy-teachers")
     args = p.parse_args(argv)
-    runs = len(args.tasks) * len(args.methods) * len(args.demos) * len(args.seeds)
-    print(f"{runs} runs of {args.steps} steps and {args.episodes} episodes: about {2 * runs} minutes on 2 CPU cores")
-    records, rows, experts = [], [], {}
-    for task in args.tasks:
-        for demos in args.demos:
-            for method in args.methods:
-                rates, ms, minutes, teachers = [], [], [], []
-                for seed in args.seeds:
-                    r = run(task, method, demos, seed, args.steps, args.episodes)
-                    dm = r.pop("dm")
-                    if task not in experts:  # the experts from the first seed's evaluation starts
-                        experts[task] = (
-                            sum(e["success"] for e in run_expert(dm.make_env(args.episodes, dm.evaluation_seed(1))))
-                            / args.episodes
-                        )
-                    if (
-                        method == "flow"
-                        and demos == max(args.demos)
-                        and seed == args.seeds[0]
-                        and task == args.tasks[0]
-                    ):
-                        plot_rollouts(
-                            r,
-                            RESULTS / "policies_rollouts.png",
-                            f"flow policy, {task}-v3: {r['success_rate']:.0%} of {args.episodes}",
-                        )
-                    rates.append(r["success_rate"])
-                    ms.append(r["ms_per_chunk"])
-                    minutes.append(r["minutes"])
-                    if "teacher_success_rate" in r:
-                        teachers.append((r["teacher_success_rate"], r["teacher_ms_per_chunk"]))
-                    records.append(
-                        {
-                            "task": task,
-                            "method": method,
-                            "demos": demos,
-                            "seed": seed,
-                            "expert": experts[task],
-                            **{k: float(v) for k, v in r.items() if isinstance(v, (int, float))},
-                        }
-                    )
-                    print(
-                        f"{task} {method} demos={demos} seed={seed}: success {r['success_rate']:.0%} "
-                        f"(expert {experts[task]:.0%}), {r['ms_per_chunk']:.1f} ms/chunk, {r['minutes']:.1f} min",
-                        flush=True,
-                    )
-                sd = statistics.stdev(rates) if len(rates) > 1 else float("nan")
-                rows.append(
-                    [
-                        f"{task}-v3",
-                        str(demos),
-                        method
-                        if not teachers
-                        else f"one-step student (its teacher {100 * statistics.mean(t for t, _ in teachers):.0f}%, "
-                        f"{statistics.median(m for _, m in teachers):.1f} ms)",
-                        f"{100 * statistics.mean(rates):.0f} ± {100 * sd:.0f}"
-                        if len(rates) > 1
-                        else f"{100 * rates[0]:.0f}",
-                        f"{100 * experts[task]:.0f}",
-                        f"{statistics.median(ms):.1f}",
-                        f"{sum(minutes):.1f}",
-                    ]
-                )
-                save_json("policies", {"args": vars(args), "runs": records})
-    head = [
-        "task",
-        "demos",
-        "method",
-        f"success % ({len(args.seeds)} seeds x {args.episodes} episodes)",
-        "expert %",
-        "ms per chunk",
-        "CPU minutes",
+    path = RESULTS / "policies.json"
+    records = [] if args.fresh or not path.exists() else json.loads(path.read_text())["runs"]
+    done = {(r["task"], r["method"], r["demos"], r["seed"], r["steps"], r["episodes"]) for r in records}
+    todo = [
+        (task, demos, seed, method)  # the most demonstrations first, then seed by seed
+        for demos in sorted(args.demos, reverse=True)
+        for seed in args.seeds
+        for task in args.tasks
+        for method in args.methods
+        if (task, method, demos, seed, args.steps, args.episodes) not in done
     ]
-    table = markdown_table(head, rows)
+    print(
+        f"{len(todo)} runs of {args.steps} steps and {args.episodes} episodes to do ({len(done)} kept from {path}): "
+        f"about {2 * len(todo)} minutes on 2 CPU cores"
+    )
+    experts = {r["task"]: r["expert"] for r in records}
+    for task, demos, seed, method in todo:
+        r = run(task, method, demos, seed, args.steps, args.episodes, args.teachers)
+        dm = r.pop("dm")
+        if task not in experts:  # the expert on the evaluation starts (the same for every seed and method)
+            episodes = run_expert(dm.make_env(args.episodes, dm.evaluation_seed(1)))
+            experts[task] = sum(e["success"] for e in episodes) / args.episodes
+        if method == "flow" and demos == max(args.demos) and seed == args.seeds[0] and task == args.tasks[0]:
+            title = f"flow policy, {task}-v3: {r['success_rate']:.0%} of {args.episodes}"
+            plot_rollouts(r, RESULTS / "policies_rollouts.png", title)
+        records.append(
+            {
+                "task": task,
+                "method": method,
+                "demos": demos,
+                "seed": seed,
+                "steps": args.steps,
+                "episodes": args.episodes,
+                "expert": experts[task],
+                **{k: float(v) for k, v in r.items() if isinstance(v, (int, float))},
+            }
+        )
+        print(
+            f"{task} {method} demos={demos} seed={seed}: success {r['success_rate']:.0%} "
+            f"(expert {experts[task]:.0%}), {r['ms_per_chunk']:.1f} ms/chunk, {r['minutes']:.1f} min",
+            flush=True,
+        )
+        save_json("policies", {"args": vars(args) | {"teachers": str(args.teachers)}, "runs": records})
+    head = ["task", "demos", "method", "success % (mean ± sd over seeds, 50 episodes each)", "expert %"]
+    table = markdown_table([*head, "ms per chunk", "CPU minutes"], summary_rows(records, experts))
     (RESULTS / "policies.md").write_text(table + "\n")
     return table
 
