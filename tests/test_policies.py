@@ -149,10 +149,9 @@ def test_a_policy_trains_and_rolls_out_with_its_success_logged(tmp_path):
 
 @pytest.mark.slow
 def test_flow_policy_picks_a_way_round_where_regression_averages_into_the_disc(tmp_path):
-    """The lecture-5 argument on the obstacle toy (about 3 CPU minutes): the expert succeeds in every episode and the
-    flow policy (pi-0's 10 Euler steps) in at least 90% of 50 evaluation episodes; regression (one data step:
-    E[a | o]) at least 20 points below it. The issue asked regression for at most 60%: measured 72% (2026-12-02,
-    bench/obstacle.py), a missed target reported in docs, not hidden here."""
+    """The lecture-5 argument on the obstacle toy (about 2 CPU minutes): the expert succeeds in every episode, the
+    flow policy (pi-0's 10 Euler steps) in at least 90% of 50 evaluation episodes and regression (one data step:
+    E[a | o], whose first chunk is the mean of the two ways round, executed 8 steps open loop) in at most 60%."""
     from flowdiff.runs import train
 
     quiet = ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "trainer.max_steps=2000"]
@@ -160,7 +159,7 @@ def test_flow_policy_picks_a_way_round_where_regression_averages_into_the_disc(t
     regression = train(compose_cfg(["experiment=obstacle_regression", *quiet], tmp_path / "regression"))
     assert ObstacleDataModule(demos=100).expert_success_rate == 1.0
     assert flow["val/success_rate"] >= 0.9, flow
-    assert regression["val/success_rate"] <= flow["val/success_rate"] - 0.2, (regression, flow)
+    assert regression["val/success_rate"] <= 0.6, (regression, flow)
 
 
 def test_choices_that_would_drop_the_context_are_one_sentence(tmp_path):
