@@ -20,11 +20,14 @@ install: $(STAMP)
 train: install
 	$(PY) train.py $(ARGS)
 
+# one pytest worker per core (pytest-xdist); a file's tests stay in one worker, so its module fixtures are built once
+XDIST := -n auto --dist loadfile
+
 test: install
-	$(PY) -m pytest -m "not slow" -q $(ARGS)
+	$(PY) -m pytest -m "not slow" -q $(XDIST) $(ARGS)
 
 test-all: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(XDIST) $(ARGS)
 
 lint: install
 	$(PY) -m ruff check src tests bench train.py sample.py
