@@ -128,13 +128,9 @@ def test_a_policy_trains_and_rolls_out_with_its_success_logged(tmp_path):
         ["experiment=obstacle_flow", *POLICY_FAST, "data.demos=4"],
         tmp_path / "run",
     )
-    from flowdiff.build import build_callbacks, build_datamodule
-
     metrics = train(cfg)
     assert 0 <= metrics["val/success_rate"] <= 1 and metrics["nfe"] == 2 and metrics["val/ms_per_chunk"] > 0
     assert metrics["val/steps_to_success"] != metrics["val/steps_to_success"] or metrics["val/steps_to_success"] > 0
-    ckpt = next(c for c in build_callbacks(cfg, build_datamodule(cfg)) if type(c).__name__ == "ModelCheckpoint")
-    assert (ckpt.monitor, ckpt.mode, float(ckpt.kth_value)) == ("val/success_rate", "max", float("-inf"))
     assert (tmp_path / "run" / "plots" / "rollouts_step0000004.png").exists()
     assert (
         json.loads((tmp_path / "run" / "metrics.json").read_text())["val/success_rate"] == metrics["val/success_rate"]
@@ -160,6 +156,28 @@ def test_flow_policy_picks_a_way_round_where_regression_averages_into_the_disc(t
     assert ObstacleDataModule(demos=100).expert_success_rate == 1.0
     assert flow["val/success_rate"] >= 0.9, flow
     assert regression["val/success_rate"] <= 0.6, (regression, flow)
+
+
+def test_the_best_checkpoint_is_the_most_successful_whoever_names_the_metric(tmp_path):
+    """monitor=auto selects by val/success_rate, the larger the better; naming a metric with the mode that would
+    keep the worst is one sentence, and the right mode is taken as given."""
+    from flowdiff.build import build_callbacks, build_datamodule
+    from flowdiff.errors import ConfigError
+
+    small = ["experiment=obstacle_flow", "data.demos=2"]
+
+    def checkpoint(*extra):
+        cfg = compose_cfg([*small, *extra], tmp_path / "run")
+        return next(c for c in build_callbacks(cfg, build_datamodule(cfg)) if type(c).__name__ == "ModelCheckpoint")
+
+    auto = checkpoint()
+    assert (auto.monitor, auto.mode, float(auto.kth_value)) == ("val/success_rate", "max", float("-inf"))
+    with pytest.raises(ConfigError, match=r"mode=min would keep the worst val/success_rate .*checkpoint.mode=max"):
+        checkpoint("callbacks.checkpoint.monitor=val/success_rate")
+    with pytest.raises(ConfigError, match=r"mode=max would keep the worst val/steps_to_success .*checkpoint.mode=min"):
+        checkpoint("callbacks.checkpoint.monitor=val/steps_to_success", "callbacks.checkpoint.mode=max")
+    named = checkpoint("callbacks.checkpoint.monitor=val/success_rate", "callbacks.checkpoint.mode=max")
+    assert (named.monitor, named.mode) == ("val/success_rate", "max")
 
 
 def test_choices_that_would_drop_the_context_are_one_sentence(tmp_path):

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import flowdiff.configs  # noqa: F401  (the ${default:} resolver of the config files)
 from flowdiff import rules
-from flowdiff.callbacks import CheckpointOnSignal, DistributionMetrics, ImageMetrics
+from flowdiff.callbacks import CheckpointOnSignal, ImageMetrics
 from flowdiff.callbacks.last_step import ValidateLastStep
 from flowdiff.checkpointing import check_weights_fit, read_checkpoint
 from flowdiff.compat import upgrade
@@ -32,7 +32,6 @@ from flowdiff.configs import multirun
 from flowdiff.errors import ConfigError, DataError, SettingError
 from flowdiff.model import FlowModel
 from flowdiff.module import FlowModule
-from flowdiff.policies.rollout import PolicyRollout
 
 
 def plain_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
@@ -235,18 +234,24 @@ def build_callbacks(cfg: DictConfig, datamodule=None) -> list[L.Callback]:
     )
     callbacks = [c for c in callbacks if data_kind is None or data_kind in getattr(c, "data_kinds", (data_kind,))]
     callbacks = [c for c in callbacks if datamodule is None or not isinstance(c, ImageMetrics) or c.check(datamodule)]
-    for c in callbacks:  # monitor=auto: the headline metric of the data kind, if a callback computes it
-        if isinstance(c, ModelCheckpoint) and c.monitor == "auto":
-            metric = {
-                "vector": (DistributionMetrics, "val/w2", "min"),
-                "image": (ImageMetrics, "val/fid", "min"),
-                "policy": (PolicyRollout, "val/success_rate", "max"),
-            }.get(data_kind)
-            found = metric is not None and any(isinstance(o, metric[0]) for o in callbacks)
-            c.monitor = metric[1] if found else None
-            if found and metric[2] != c.mode:  # Lightning sets the mode's starting value when it builds the callback
-                c.mode, c.kth_value = metric[2], torch.tensor(-torch.inf if metric[2] == "max" else torch.inf)
-            c.save_top_k = c.save_top_k if found else 1
+    # the metrics the kept callbacks compute, each with the way that is better (the first: the data's headline)
+    monitors = [m for c in callbacks for m in getattr(c, "monitors", {}).items()]
+    headline = monitors[0] if monitors and data_kind is not None else None
+    for c in callbacks:
+        if not isinstance(c, ModelCheckpoint):
+            continue
+        if c.monitor == "auto":  # the headline metric of the data kind, if a callback computes it
+            c.monitor = headline[0] if headline else None
+            c.save_top_k = c.save_top_k if headline else 1
+            mode = headline[1] if headline else c.mode
+            if mode != c.mode:  # Lightning sets the mode's starting value when it builds the callback
+                c.mode, c.kth_value = mode, torch.tensor(-torch.inf if mode == "max" else torch.inf)
+        better = dict(monitors).get(c.monitor)
+        if better is not None and better != c.mode:
+            raise ConfigError(
+                f"callbacks.checkpoint.mode={c.mode} would keep the worst {c.monitor} "
+                f"({'larger' if better == 'max' else 'smaller'} is better): set callbacks.checkpoint.mode={better}"
+            )
     return callbacks + [ValidateLastStep()]
 
 

@@ -251,6 +251,7 @@ class ImageMetrics(EveryNEpochs):
     """
 
     data_kinds = ("image",)
+    monitors = {"val/fid": "min", "val/kid": "min", "val/class_acc": "max"}
 
     def __init__(
         self,

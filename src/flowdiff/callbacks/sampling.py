@@ -87,6 +87,7 @@ class DistributionMetrics(EveryNEpochs):
     """
 
     data_kinds = ("vector",)
+    monitors = {"val/w2": "min"}  # what a checkpoint may select by, and which way is better; the first: monitor=auto
 
     def __init__(self, n: int = 2000, every_n_epochs: int = 1, nfe: tuple[int, ...] = ()) -> None:
         super().__init__(every_n_epochs)

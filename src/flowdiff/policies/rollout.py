@@ -95,6 +95,7 @@ class PolicyRollout(EveryNEpochs):
     ``val/nfe``, and draws the paths (``plots/rollouts_step<N>.png``)."""
 
     data_kinds = ("policy",)
+    monitors = {"val/success_rate": "max", "val/steps_to_success": "min"}
 
     def __init__(self, n_episodes: int = 50, n_action_steps: int | None = None, every_n_epochs: int = 1) -> None:
         super().__init__(every_n_epochs)
