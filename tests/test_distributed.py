@@ -209,3 +209,46 @@ def test_rank_shares_cover_the_items_in_order_and_none_is_empty():
             sizes = [s.stop - s.start for s in shares]
             assert [i for s in shares for i in range(s.start, s.stop)] == list(range(n))
             assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def _policy(tmp_path):
+    from flowdiff.build import build_run
+    from helpers import compose_cfg
+
+    torch.manual_seed(0)
+    model, dm = build_run(compose_cfg(["experiment=obstacle_flow", "data.demos=2", "net.width=32"], tmp_path / "p"))
+    return model.model.eval(), dm
+
+
+def _roll_out_on_rank(rank: int, world: int, store: str, out: str, policy: str) -> None:
+    from flowdiff.policies.rollout import gather, rollout
+    from flowdiff.utils import rank_share
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model, dm = torch.load(policy, weights_only=False)  # the parent's network and data
+        part = rollout(model, dm, 7, dm.evaluation_seed(), share=rank_share(7, rank, world))
+        parts = gather(part, world)
+        torch.save([{k: v for k, v in p.items() if k != "env"} for p in parts], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rollouts_over_two_ranks_are_the_one_process_episodes(tmp_path):
+    """Two ranks each roll out their share of 7 episodes (3 and 4) and gather the shares: every episode's path and
+    success are the ones one process finds for all 7 (the same starts and the same sources), on both ranks."""
+    from flowdiff.policies.rollout import rollout, summarise
+
+    world, out, policy = 2, str(tmp_path / "rollouts"), tmp_path / "policy.pt"
+    model, dm = _policy(tmp_path)
+    torch.save((model, dm), policy)
+    args = (world, str(tmp_path / "store"), out, str(policy))
+    mp.start_processes(_roll_out_on_rank, args=args, nprocs=world, start_method="spawn")
+    whole = rollout(model, dm, 7, dm.evaluation_seed())
+    assert [len(p["paths"]) for p in torch.load(f"{out}.0", weights_only=False)] == [3, 4]
+    for rank in range(world):
+        joined = summarise([{**p, "env": None} for p in torch.load(f"{out}.{rank}", weights_only=False)])
+        assert torch.equal(joined["success"], whole["success"])
+        for a, b in zip(joined["paths"], whole["paths"], strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+        assert joined["success_rate"] == whole["success_rate"]

@@ -62,6 +62,9 @@ def test_several_tasks_put_the_task_in_the_context(tmp_path):
     for _ in range(5):
         obs = env.step(env.expert_actions())
     assert bool(env.done.all()) and len(env.path) == 6 and env.path[0].shape == (4, 3)
+    whole = mw.MetaWorldEpisodes(["reach-v3", "push-v3"], 5, seed=0, max_steps=5).reset()
+    share = mw.MetaWorldEpisodes(["reach-v3", "push-v3"], 2, seed=0, max_steps=5, first=3)  # a DDP rank's share
+    assert torch.equal(share.reset(), whole[3:]) and share.task_of == [1, 0]  # the same tasks and starts
     with pytest.raises(ConfigError, match="not a Meta-World v3 task"):
         mw.check_tasks(["reach-v2"])
 

@@ -110,7 +110,8 @@ class PolicyDataModule(FreshBatchStream):
     def demonstrations(self, n: int, seed: int) -> list[dict[str, Tensor]]:  # pragma: no cover
         raise NotImplementedError
 
-    def make_env(self, n: int, seed: int):  # pragma: no cover
+    def make_env(self, n: int, seed: int, first: int = 0):  # pragma: no cover
+        """Episodes ``first .. first + n - 1`` of the evaluation starts of ``seed``, side by side."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ what the model needs to know
@@ -170,10 +171,10 @@ class ObstacleDataModule(PolicyDataModule):
 
         return expert_demonstrations(n, seed, **self.env)
 
-    def make_env(self, n: int, seed: int):
+    def make_env(self, n: int, seed: int, first: int = 0):
         from flowdiff.policies.obstacle import ObstacleReach
 
-        return ObstacleReach(n, seed, **self.env)
+        return ObstacleReach(n, seed, **self.env, first=first)
 
 
 class MetaWorldDataModule(PolicyDataModule):
@@ -196,7 +197,7 @@ class MetaWorldDataModule(PolicyDataModule):
 
         return demonstrations(self.tasks, n, seed, self.max_steps, self.cache_dir)
 
-    def make_env(self, n: int, seed: int):
+    def make_env(self, n: int, seed: int, first: int = 0):
         from flowdiff.policies.metaworld import MetaWorldEpisodes
 
-        return MetaWorldEpisodes(self.tasks, n, seed, self.max_steps)
+        return MetaWorldEpisodes(self.tasks, n, seed, self.max_steps, first)

@@ -95,10 +95,11 @@ def _environments(task: str, n: int) -> list:
 
 
 class MetaWorldEpisodes:
-    """``n`` episodes side by side, episode ``i`` of task ``tasks[i % len(tasks)]``. ``reset() -> obs (n, O)``;
-    ``step(actions (n, 4)) -> obs``; ``success``, ``done`` and ``steps_to_success`` are ``(n,)``; ``path`` the hand's
-    positions, a list of ``(n, 3)``. An episode ends at its first success or after ``max_steps`` steps. The
-    starts are episodes ``first, first + 1, ...`` of each task's. Simulators are shared with later episode sets (a
+    """``n`` episodes side by side, episode ``i`` of task ``tasks[(first + i) % len(tasks)]``.
+    ``reset() -> obs (n, O)``; ``step(actions (n, 4)) -> obs``; ``success``, ``done`` and ``steps_to_success`` are
+    ``(n,)``; ``path`` the hand's positions, a list of ``(n, 3)``. An episode ends at its first success or after
+    ``max_steps`` steps. Episode ``i`` is episode ``first + i`` of a longer set (a DDP rank's share, a wave of
+    demonstrations): the task and the start are that one's. Simulators are shared with later episode sets (a
     pool): the last set reset owns them, and stepping an earlier one is an error."""
 
     # MuJoCo renders offscreen only with an OpenGL context (EGL or OSMesa), which these machines lack (measured)
@@ -108,10 +109,10 @@ class MetaWorldEpisodes:
         require_metaworld()
         self.tasks, self.n, self.seed, self.first = list(tasks), n, seed, first
         self.max_steps = max_steps
-        self.task_of = [i % len(self.tasks) for i in range(n)]
+        self.task_of = [(first + i) % len(self.tasks) for i in range(n)]
         self.envs: list = [None] * n
-        for k, task in enumerate(self.tasks):  # episodes k, k + K, ... are task k's
-            members = range(k, n, len(self.tasks))
+        for k, task in enumerate(self.tasks):
+            members = [i for i in range(n) if self.task_of[i] == k]
             for env, i in zip(_environments(task, len(members)), members):
                 self.envs[i] = env
         for env in self.envs:
@@ -128,7 +129,7 @@ class MetaWorldEpisodes:
         states = []
         for i, env in enumerate(self.envs):
             k = self.task_of[i]
-            env.set_task(start(self.tasks[k], self.seed, self.first + i // len(self.tasks)))
+            env.set_task(start(self.tasks[k], self.seed, (self.first + i) // len(self.tasks)))
             state, _ = env.reset()
             env.flowdiff_owner = self
             states.append(state)
@@ -220,7 +221,7 @@ def demonstrations(
     episodes = []
     for first in range(0, n, WAVE):  # at most WAVE simulators per task at a time (about 24 MB each)
         m = min(WAVE, n - first)
-        episodes += run_expert(MetaWorldEpisodes(tasks, m * len(tasks), seed, max_steps, first))
+        episodes += run_expert(MetaWorldEpisodes(tasks, m * len(tasks), seed, max_steps, first * len(tasks)))
     seconds = time.perf_counter() - began
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")  # one per writer

@@ -15,8 +15,9 @@ from flowdiff.policies.episodes import record_episodes
 
 
 class ObstacleReach:
-    """``n`` episodes side by side. ``reset() -> obs (n, 2)``; ``step(actions (n, 2)) -> obs``; ``success``,
-    ``collided`` and ``done`` are ``(n,)`` flags; an action is a displacement, clipped to ``max_step`` in norm."""
+    """``n`` episodes side by side, episodes ``first .. first + n - 1`` of ``seed``'s starts.
+    ``reset() -> obs (n, 2)``; ``step(actions (n, 2)) -> obs``; ``success``, ``collided`` and ``done`` are ``(n,)``
+    flags; an action is a displacement, clipped to ``max_step`` in norm."""
 
     observation_dim, action_dim = 2, 2
 
@@ -29,8 +30,9 @@ class ObstacleReach:
         max_steps: int = 60,
         start_noise: float = 0.02,
         goal_tolerance: float = 0.1,
+        first: int = 0,
     ) -> None:
-        self.n, self.seed = n, seed
+        self.n, self.seed, self.first = n, seed, first
         self.radius, self.max_step, self.max_steps = radius, max_step, max_steps
         self.start_noise, self.goal_tolerance = start_noise, goal_tolerance
         self.goal = torch.tensor([0.0, 1.0])
@@ -46,7 +48,8 @@ class ObstacleReach:
 
     def reset(self) -> Tensor:
         g = torch.Generator().manual_seed(self.seed)
-        self.pos = torch.tensor([0.0, -1.0]) + self.start_noise * (2 * torch.rand(self.n, 2, generator=g) - 1)
+        offsets = torch.rand(self.first + self.n, 2, generator=g)[self.first :]  # episodes first .. first + n - 1
+        self.pos = torch.tensor([0.0, -1.0]) + self.start_noise * (2 * offsets - 1)
         self.steps = 0
         self.success = torch.zeros(self.n, dtype=torch.bool)
         self.collided = torch.zeros(self.n, dtype=torch.bool)
