@@ -132,6 +132,67 @@ def summary_rows(records: list[dict], experts: dict) -> list[list[str]]:
     return rows
 
 
+def wide_table(records: list[dict], experts: dict) -> str:
+    """Task rows, method columns, for each number of demonstrations: success % mean ± sd over seeds (the issue's
+    table), then each method's mean over tasks, and the issue's targets checked on the seed means."""
+    cells: dict[tuple, list[float]] = {}
+    for r in records:
+        cells.setdefault((r["demos"], r["task"], r["method"]), []).append(100 * r["success_rate"])
+    teachers: dict[tuple, list[float]] = {}
+    speed: dict[tuple, list[float]] = {}
+    for r in records:
+        if r["method"] == "student":
+            teachers.setdefault((r["demos"], r["task"]), []).append(100 * r["teacher_success_rate"])
+            speed.setdefault((r["demos"], r["task"]), []).append(r["teacher_ms_per_chunk"] / r["ms_per_chunk"])
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return ""
+        sd = f" ± {statistics.stdev(values):.0f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.0f}{sd}"
+
+    out = []
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    for demos in sorted({r["demos"] for r in records}, reverse=True):
+        seeds = sorted({r["seed"] for r in records if r["demos"] == demos})
+        head = ["task", *METHODS, "student's teacher", "student speed-up", "expert"]
+        rows = []
+        for task in tasks:
+            row = [f"{task}-v3", *(cell(cells.get((demos, task, m), [])) for m in METHODS)]
+            ratios = speed.get((demos, task), [])
+            row += [cell(teachers.get((demos, task), [])), f"{min(ratios):.1f}x" if ratios else ""]
+            rows.append([*row, f"{100 * experts[task]:.0f}"])
+        means = [
+            f"**{statistics.mean(statistics.mean(cells[(demos, t, m)]) for t in tasks):.1f}**"
+            if all((demos, t, m) in cells for t in tasks)
+            else ""
+            for m in METHODS
+        ]
+        rows.append(["**mean**", *means, "", "", f"**{100 * statistics.mean(experts[t] for t in tasks):.1f}**"])
+        title = f"{demos} demonstrations, seeds {seeds} (n per cell in policies.md):"
+        out.append(f"{title}\n\n{markdown_table(head, rows)}")
+    return "\n\n".join(out)
+
+
+def timing(teachers: Path, episodes: int) -> str:
+    """ms per chunk on quiet cores: each kept flow policy's network, its 10 Euler steps against one evaluation (what
+    its one-step student, the same network, costs), ``episodes`` chunks per re-plan, medians of 7 after a warm-up;
+    the runs' own timings shared the cores with whatever else ran. Writes ``policies_timing.{json,md}``."""
+    rows, records = [], []
+    for ckpt in sorted(teachers.glob("*/checkpoints/last.ckpt")):
+        model, dm, _ = load_checkpoint(ckpt)
+        ten = chunk_ms(model, dm, episodes)
+        one_step = model.sampler.with_steps(1)
+        context = dm.contexts[:episodes]
+        one = median_ms(lambda: model.sample(len(context), one_step, y=context))  # noqa: B023
+        records.append({"run": ckpt.parents[1].name, "ms_10_steps": ten, "ms_1_step": one, "speed_up": ten / one})
+        rows.append([ckpt.parents[1].name, f"{ten:.2f}", f"{one:.2f}", f"{ten / one:.1f}x"])
+    save_json("policies_timing", {"episodes": episodes, "runs": records})
+    table = markdown_table(["teacher run (task-demos-seed-steps)", "10 Euler steps ms", "1 step ms", "ratio"], rows)
+    (RESULTS / "policies_timing.md").write_text(table + "\n")
+    return table
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=TASKS)
@@ -142,7 +203,10 @@ def main(argv=None) -> str:
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--fresh", action="store_true", help="forget the runs already in docs/bench/policies.json")
     p.add_argument("--teachers", type=Path, default=Path.home() / ".cache" / "flowdiff" / "bench-policy-teachers")
+    p.add_argument("--timing", action="store_true", help="only time the kept flow policies, 10 steps against 1")
     args = p.parse_args(argv)
+    if args.timing:
+        return timing(args.teachers, args.episodes)
     path = RESULTS / "policies.json"
     records = [] if args.fresh or not path.exists() else json.loads(path.read_text())["runs"]
     done = {(r["task"], r["method"], r["demos"], r["seed"], r["steps"], r["episodes"]) for r in records}
@@ -188,6 +252,7 @@ def main(argv=None) -> str:
         save_json("policies", {"args": vars(args) | {"teachers": str(args.teachers)}, "runs": records})
     head = ["task", "demos", "method", "success % (mean ± sd over seeds, 50 episodes each)", "expert %"]
     table = markdown_table([*head, "ms per chunk", "CPU minutes"], summary_rows(records, experts))
+    table = wide_table(records, experts) + "\n\nEach run:\n\n" + table
     (RESULTS / "policies.md").write_text(table + "\n")
     return table
 
