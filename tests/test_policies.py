@@ -188,8 +188,6 @@ def test_choices_that_would_drop_the_context_are_one_sentence(tmp_path):
     small = ["experiment=obstacle_flow", "data.demos=2"]
     with pytest.raises(ConfigError, match="net=MLP takes no context"):
         build_run(compose_cfg([*small, "net=mlp"], tmp_path / "a"))
-    with pytest.raises(ConfigError, match="stage=consistency does not pass"):  # distill and reflow do
-        build_run(compose_cfg([*small, "stage=consistency"], tmp_path / "b"))
     model, dm = build_run(compose_cfg(small, tmp_path / "c"))
     with pytest.raises(ValueError, match="both a context c and labels y"):
         model.loss({**dm.draw(4), "y": torch.zeros(4, dtype=torch.long)})
@@ -233,3 +231,17 @@ def test_a_one_step_student_of_a_policy_teacher_is_conditioned_on_the_teachers_c
     assert torch.equal(saved["PairsDataModule"]["base"]["normaliser"]["act_std"], dm.normaliser.act_std)
     _, alone, _ = load_checkpoint(tmp_path / "student" / "checkpoints" / "last.ckpt")
     assert torch.equal(alone.normaliser.obs_mean, teacher_dm.normaliser.obs_mean)
+    # stage=consistency distills the same teacher: its student, its target network and the teacher's steps all see
+    # the batch's context, and it samples a chunk in one evaluation
+    consistency_cfg = [*small, "stage=consistency", f"teacher={ckpt}", "sampler=consistency", "sampler.steps=1"]
+    consistent, cdm = build_run(compose_cfg(consistency_cfg, tmp_path / "consistency"))
+    assert torch.equal(cdm.normaliser.obs_std, teacher_dm.normaliser.obs_std)  # the teacher's units
+    batch = cdm.draw(8, torch.Generator().manual_seed(0))
+    seen, teacher_seen = [], []
+    forward, teacher_forward = consistent.model._forward, consistent.teacher._forward
+    consistent.model._forward = lambda x, t, y: seen.append(y) or forward(x, t, y)
+    consistent.teacher._forward = lambda x, t, y: teacher_seen.append(y) or teacher_forward(x, t, y)
+    assert torch.isfinite(consistent.loss(batch))
+    assert torch.equal(seen[0], batch["c"]) and torch.equal(teacher_seen[0], batch["c"])
+    metrics = train(compose_cfg(consistency_cfg, tmp_path / "consistency"))
+    assert metrics["nfe"] == 1 and 0 <= metrics["val/success_rate"] <= 1

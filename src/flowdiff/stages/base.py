@@ -88,7 +88,12 @@ class Stage:
 
     # ------------------------------------------------------------------ what the stage builds
     def datamodule(self, datamodule):
-        """The run's datamodule (the data itself, unless the stage trains on something else)."""
+        """The run's datamodule (the data itself, unless the stage trains on something else); a policy's in its
+        teacher's units (the teacher's normalisation of observations and actions)."""
+        theirs = getattr(getattr(self.teacher, "datamodule", None), "normaliser", None)
+        if theirs is not None and hasattr(datamodule, "normalise"):
+            datamodule.normaliser.load_state_dict(theirs.state_dict())
+            datamodule.normalise()
         return datamodule
 
     def coupling(self, coupling):

@@ -268,7 +268,9 @@ class ConsistencyModule(FlowModule):
         return x + 0.5 * h * (d1 + velocity(x + h * d1, t))
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        z, y = batch["x1"], batch.get("y")
+        if "c" in batch and batch.get("y") is not None:
+            raise ValueError("a batch holds both a context c and labels y: put the labels (a task) into the context")
+        z, y = batch["x1"], batch.get("c", batch.get("y"))  # the condition: a context (policies) or labels
         eps = self.noise_like(z, generator)
         y = self.training_labels(y, generator)
         n_intervals, _ = self.schedule()
@@ -304,6 +306,7 @@ class ConsistencyStage(Stage):
     name = "consistency"
     module_class = ConsistencyModule
     student_guidance_scale = 1.0
+    conditions_on_context = True  # ConsistencyModule.loss passes the batch's context to both networks and the teacher
 
     def __init__(self, teacher: str | None = None, init_from_teacher: bool = True, **module_settings) -> None:
         super().__init__(teacher, init_from_teacher)

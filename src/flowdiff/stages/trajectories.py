@@ -134,10 +134,7 @@ class TeacherTrajectories:
 
     def datamodule(self, datamodule):
         teacher, steps = self.teacher, self.trajectory_steps()
-        theirs = getattr(teacher.datamodule, "normaliser", None)
-        if theirs is not None and hasattr(datamodule, "normalise"):  # a policy: contexts in the teacher's units
-            datamodule.normaliser.load_state_dict(theirs.state_dict())
-            datamodule.normalise()
+        datamodule = super().datamodule(datamodule)  # a policy: contexts in the teacher's units
         try:  # a sampler whose grid misses the student's times: one sentence now, not when training starts
             sampler = self.teacher_sampler(teacher).recording(steps)
         except ValueError as err:
