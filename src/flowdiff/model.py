@@ -296,8 +296,9 @@ class FlowModel(nn.Module):
         fields = self.vector_fields(as_labels(n, y, self.device), guidance_scale, on_evaluation)
         with self.evaluating():
             noise_gen = None
-            if generator is not None and self.device.type != "cpu":
-                noise_gen = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
+            if generator is not None and self.device.type != "cpu":  # seeded by a draw: each call its own noise
+                seed = int(torch.randint(0, 2**62, (), generator=generator))
+                noise_gen = torch.Generator(device=self.device).manual_seed(seed)
             t_span = self.objective.sample_time_range(self.path, dtype=x0.dtype, fields=sampler.fields)
             x0 = self.start_at(x0, float(sampler.times(x0, t_span, self.path)[0]))
             return sampler.sample(

@@ -11,6 +11,8 @@ import lightning as L
 import torch
 
 from flowdiff.callbacks.periodic import EveryNEpochs
+from flowdiff.errors import ConfigError
+from flowdiff.seeds import stream_seed
 from flowdiff.utils import rank_share
 
 
@@ -31,14 +33,16 @@ def rollout(
 
     ``share`` runs only those of the episodes (a DDP rank's, :func:`flowdiff.utils.rank_share`) and returns them
     unsummarised (:func:`summarise` joins the shares): each re-plan draws the sources of all ``n_episodes`` and
-    takes the share's, so an ODE sampler's episodes are the same whatever the number of ranks."""
+    takes the share's, so an ODE sampler's episodes are the same whatever the number of ranks (up to the rounding
+    of another batch size); an SDE sampler's noise comes from a stream of its own per share."""
     whole = share is None
     share = slice(0, n_episodes) if whole else share
     mine = range(n_episodes)[share]
     steps = n_action_steps or dm.n_action_steps
     env = dm.make_env(len(mine), seed, first=mine.start) if len(mine) else None
     chunks, net_s, nfe = 0, 0.0, 0
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the sources of all episodes, the same on every rank
+    noise = torch.Generator().manual_seed(stream_seed("rollout noise", seed, share.start))  # an SDE's
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     began = time.perf_counter()
     if env is not None:
@@ -49,7 +53,7 @@ def rollout(
         x0 = model.draw_source(n_episodes, g)[share]  # (E, horizon, A): the share of every episode's source
         sync()
         start = time.perf_counter()
-        result = model.sample(len(mine), sampler, y=context, guidance_scale=guidance_scale, x0=x0, generator=g)
+        result = model.sample(len(mine), sampler, y=context, guidance_scale=guidance_scale, x0=x0, generator=noise)
         sync()
         net_s += time.perf_counter() - start
         nfe = result.nfe
@@ -156,6 +160,13 @@ class PolicyRollout(EveryNEpochs):
         self.last_path: Path | None = None
         self.last: dict | None = None
         self.said_no_video = False
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if self.n_episodes < trainer.world_size:
+            raise ConfigError(
+                f"callbacks.rollout.n_episodes={self.n_episodes} leaves some of the {trainer.world_size} ranks "
+                f"without an episode: set it to at least {trainer.world_size}"
+            )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if not self.due(trainer):
