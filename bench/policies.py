@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import statistics
 import time
 from pathlib import Path
 
+import torch
 from common import RESULTS, compose, markdown_table, median_ms, save_json
 
 from flowdiff.build import load_checkpoint
@@ -67,11 +69,13 @@ def run(task: str, method: str, demos: int, seed: int, steps: int, episodes: int
     name = task.replace("-", "_")
     common = [f"experiment=metaworld_{name}", f"data.demos={demos}", f"seed={seed}", f"trainer.max_steps={steps}"]
     common += [f"data.steps_per_epoch={steps}", *QUIET]
-    teacher_ckpt = teacher_dir / f"{task}-{demos}-{seed}-{steps}" / "checkpoints" / "last.ckpt"
+    keep = [o for o in common if not o.startswith("callbacks.last_checkpoint")]  # the flow policy's run
+    digest = hashlib.sha256(json.dumps(keep).encode()).hexdigest()[:8]  # another configuration, another teacher
+    teacher_ckpt = teacher_dir / f"{task}-{demos}-{seed}-{steps}-{digest}" / "checkpoints" / "last.ckpt"
     began = time.perf_counter()
     teacher = None
-    if method in ("flow", "student") and not teacher_ckpt.exists():  # the flow policy, its last checkpoint kept
-        keep = [o for o in common if not o.startswith("callbacks.last_checkpoint")]
+    finished = teacher_ckpt.exists() and torch.load(teacher_ckpt, weights_only=False)["global_step"] == steps
+    if method in ("flow", "student") and not finished:  # trained (or resumed: a run dir resumes), last.ckpt kept
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             module, dm, _, _, train_s = fit(compose(keep, teacher_ckpt.parents[1]))
         if method == "flow":
@@ -101,7 +105,7 @@ def run(task: str, method: str, demos: int, seed: int, steps: int, episodes: int
     return out
 
 
-def summary_rows(records: list[dict], experts: dict) -> list[list[str]]:
+def summary_rows(records: list[dict]) -> list[list[str]]:
     """One row per task, demonstrations and method: success mean ± sd over seeds, the expert, ms, minutes."""
     rows = []
     groups: dict[tuple, list[dict]] = {}
@@ -124,7 +128,7 @@ def summary_rows(records: list[dict], experts: dict) -> list[list[str]]:
                 f"{100 * statistics.mean(rates):.0f} ± {100 * statistics.stdev(rates):.0f} (n={len(rates)})"
                 if len(rates) > 1
                 else f"{100 * rates[0]:.0f} (n=1)",
-                f"{100 * experts.get(task, rs[0]['expert']):.0f}",
+                f"{100 * statistics.mean(r['expert'] for r in rs):.0f}",
                 f"{statistics.median(r['ms_per_chunk'] for r in rs):.1f}",
                 f"{sum(r['minutes'] for r in rs):.1f}",
             ]
@@ -132,12 +136,14 @@ def summary_rows(records: list[dict], experts: dict) -> list[list[str]]:
     return rows
 
 
-def wide_table(records: list[dict], experts: dict) -> str:
+def wide_table(records: list[dict]) -> str:
     """Task rows, method columns, for each number of demonstrations: success % mean ± sd over seeds (the issue's
     table), then each method's mean over tasks, and the issue's targets checked on the seed means."""
     cells: dict[tuple, list[float]] = {}
+    experts: dict[tuple, dict[int, float]] = {}  # the expert on each seed's evaluation starts
     for r in records:
         cells.setdefault((r["demos"], r["task"], r["method"]), []).append(100 * r["success_rate"])
+        experts.setdefault((r["demos"], r["task"]), {})[r["seed"]] = r["expert"]
     teachers: dict[tuple, list[float]] = {}
     speed: dict[tuple, list[float]] = {}
     for r in records:
@@ -161,14 +167,15 @@ def wide_table(records: list[dict], experts: dict) -> str:
             row = [f"{task}-v3", *(cell(cells.get((demos, task, m), [])) for m in METHODS)]
             ratios = speed.get((demos, task), [])
             row += [cell(teachers.get((demos, task), [])), f"{min(ratios):.1f}x" if ratios else ""]
-            rows.append([*row, f"{100 * experts[task]:.0f}"])
+            rows.append([*row, f"{100 * statistics.mean(experts[(demos, task)].values()):.0f}"])
         means = [
             f"**{statistics.mean(statistics.mean(cells[(demos, t, m)]) for t in tasks):.1f}**"
             if all((demos, t, m) in cells for t in tasks)
             else ""
             for m in METHODS
         ]
-        rows.append(["**mean**", *means, "", "", f"**{100 * statistics.mean(experts[t] for t in tasks):.1f}**"])
+        expert = statistics.mean(statistics.mean(experts[(demos, t)].values()) for t in tasks)
+        rows.append(["**mean**", *means, "", "", f"**{100 * expert:.1f}**"])
         title = f"{demos} demonstrations, seeds {seeds} (n per cell in policies.md):"
         out.append(f"{title}\n\n{markdown_table(head, rows)}")
     return "\n\n".join(out)
@@ -204,11 +211,16 @@ def main(argv=None) -> str:
     p.add_argument("--fresh", action="store_true", help="forget the runs already in docs/bench/policies.json")
     p.add_argument("--teachers", type=Path, default=Path.home() / ".cache" / "flowdiff" / "bench-policy-teachers")
     p.add_argument("--timing", action="store_true", help="only time the kept flow policies, 10 steps against 1")
+    p.add_argument("--experts", action="store_true", help="only give kept runs their own seed's expert rate")
     args = p.parse_args(argv)
     if args.timing:
         return timing(args.teachers, args.episodes)
     path = RESULTS / "policies.json"
     records = [] if args.fresh or not path.exists() else json.loads(path.read_text())["runs"]
+    if args.experts:
+        fix_experts(records, args.episodes)
+        save_json("policies", {**json.loads(path.read_text()), "runs": records})
+        return tables(records, args.steps, args.episodes)
     done = {(r["task"], r["method"], r["demos"], r["seed"], r["steps"], r["episodes"]) for r in records}
     todo = [
         (task, demos, seed, method)  # the most demonstrations first, then seed by seed
@@ -222,13 +234,12 @@ def main(argv=None) -> str:
         f"{len(todo)} runs of {args.steps} steps and {args.episodes} episodes to do ({len(done)} kept from {path}): "
         f"about {2 * len(todo)} minutes on 2 CPU cores"
     )
-    experts = {r["task"]: r["expert"] for r in records}
+    experts = {(r["task"], r["seed"]): r["expert"] for r in records if r.get("expert_starts") == "own seed"}
     for task, demos, seed, method in todo:
         r = run(task, method, demos, seed, args.steps, args.episodes, args.teachers)
         dm = r.pop("dm")
-        if task not in experts:  # the expert on the evaluation starts (the same for every seed and method)
-            episodes = run_expert(dm.make_env(args.episodes, dm.evaluation_seed(1)))
-            experts[task] = sum(e["success"] for e in episodes) / args.episodes
+        if (task, seed) not in experts:  # the expert on this seed's evaluation starts (every method's)
+            experts[(task, seed)] = expert_rate(dm, args.episodes)
         if method == "flow" and demos == max(args.demos) and seed == args.seeds[0] and task == args.tasks[0]:
             title = f"flow policy, {task}-v3: {r['success_rate']:.0%} of {args.episodes}"
             plot_rollouts(r, RESULTS / "policies_rollouts.png", title)
@@ -240,19 +251,50 @@ def main(argv=None) -> str:
                 "seed": seed,
                 "steps": args.steps,
                 "episodes": args.episodes,
-                "expert": experts[task],
+                "expert": experts[(task, seed)],
+                "expert_starts": "own seed",
                 **{k: float(v) for k, v in r.items() if isinstance(v, (int, float))},
             }
         )
         print(
             f"{task} {method} demos={demos} seed={seed}: success {r['success_rate']:.0%} "
-            f"(expert {experts[task]:.0%}), {r['ms_per_chunk']:.1f} ms/chunk, {r['minutes']:.1f} min",
+            f"(expert {experts[(task, seed)]:.0%}), {r['ms_per_chunk']:.1f} ms/chunk, {r['minutes']:.1f} min",
             flush=True,
         )
         save_json("policies", {"args": vars(args) | {"teachers": str(args.teachers)}, "runs": records})
-    head = ["task", "demos", "method", "success % (mean ± sd over seeds, 50 episodes each)", "expert %"]
-    table = markdown_table([*head, "ms per chunk", "CPU minutes"], summary_rows(records, experts))
-    table = wide_table(records, experts) + "\n\nEach run:\n\n" + table
+    return tables(records, args.steps, args.episodes)
+
+
+def expert_rate(dm, episodes: int) -> float:
+    """The scripted expert's success rate on the evaluation starts the runs of ``dm``'s seed are scored on."""
+    return sum(e["success"] for e in run_expert(dm.make_env(episodes, dm.evaluation_seed(1)))) / episodes
+
+
+def fix_experts(records: list[dict], episodes: int) -> None:
+    """Records whose expert rate came from another seed's starts get their own seed's (one expert rollout each)."""
+    from flowdiff.build import build_datamodule
+
+    rates: dict[tuple, float] = {}
+    for r in records:
+        if r.get("expert_starts") == "own seed":
+            continue
+        key = (r["task"], r["seed"])
+        if key not in rates:
+            overrides = [f"experiment=metaworld_{r['task'].replace('-', '_')}", f"data.demos={r['demos']}"]
+            with contextlib.redirect_stdout(io.StringIO()):
+                dm = build_datamodule(compose([*overrides, f"seed={r['seed']}"]))
+            rates[key] = expert_rate(dm, episodes)
+            print(f"expert, {r['task']} seed {r['seed']}: {rates[key]:.0%}", flush=True)
+        r["expert"], r["expert_starts"] = rates[key], "own seed"
+
+
+def tables(records: list[dict], steps: int, episodes: int) -> str:
+    """The issue's table and the per-run rows of the records with ``steps`` and ``episodes``; writes policies.md."""
+    records = [r for r in records if r["steps"] == steps and r["episodes"] == episodes]
+    head = ["task", "demos", "method", f"success % (mean ± sd over seeds, {episodes} episodes each)", "expert %"]
+    table = markdown_table([*head, "ms per chunk", "CPU minutes"], summary_rows(records))
+    per_run = "Each run (a student's minutes leave out its teacher's training, which is the flow row's):"
+    table = f"{wide_table(records)}\n\n{per_run}\n\n{table}"
     (RESULTS / "policies.md").write_text(table + "\n")
     return table
 
