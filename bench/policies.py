@@ -12,9 +12,9 @@ the data's ``n_action_steps`` of each chunk); the experts' own rate from the sam
 
 ms per chunk: the median of 7 re-plans of ``--episodes`` chunks after a warm-up, the network alone.
 
-Needs ``pip install -e '.[robot]'``. CPU budget: about 2 minutes per run (2,000 steps of the policy MLP at batch
-256 and 50 episodes; a student run, with its teacher, 3-4 minutes) on 2 cores, so the full protocol is about
-4 hours.
+Needs ``pip install -e '.[robot]'``. CPU budget, measured 2026-12-02 on 2 cores: 0.4-7 minutes per run (2,000
+steps of the policy MLP at batch 256 and 50 episodes; the spread is other work on the cores); the full protocol's
+100 runs took about 2 hours.
 """
 
 from __future__ import annotations
@@ -63,6 +63,14 @@ def chunk_ms(model, dm, episodes: int) -> float:
     return median_ms(lambda: model.sample(len(context), y=context))
 
 
+def evaluate(model, dm, episodes: int) -> dict:
+    """``episodes`` rollouts from the run's evaluation starts, and ms per chunk timed apart (the rollout's mean holds
+    one-time costs)."""
+    out = rollout(model.eval(), dm, episodes, dm.evaluation_seed(1))
+    out["ms_per_chunk"] = chunk_ms(model, dm, episodes)
+    return out
+
+
 def run(task: str, method: str, demos: int, seed: int, steps: int, episodes: int, teacher_dir: Path) -> dict:
     """One training run and its rollouts. The flow policy keeps its last checkpoint in ``teacher_dir``: the
     one-step student of the same task, demonstrations and seed distills that run (trained first where missing)."""
@@ -79,25 +87,21 @@ def run(task: str, method: str, demos: int, seed: int, steps: int, episodes: int
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             module, dm, _, _, train_s = fit(compose(keep, teacher_ckpt.parents[1]))
         if method == "flow":
-            out = rollout(module.model.eval(), dm, episodes, dm.evaluation_seed(1))
-            out["ms_per_chunk"] = chunk_ms(module.model, dm, episodes)  # the rollout's mean holds one-time costs
+            out = evaluate(module.model, dm, episodes)
             out["train_s"], out["minutes"], out["dm"] = train_s, (time.perf_counter() - began) / 60, dm
             return out
     if method == "flow":  # trained before, for a student: evaluated from its checkpoint
         model, dm, _ = load_checkpoint(teacher_ckpt)
-        out = rollout(model.eval(), dm, episodes, dm.evaluation_seed(1))
-        out["ms_per_chunk"] = chunk_ms(model, dm, episodes)
+        out = evaluate(model, dm, episodes)
         out["train_s"], out["minutes"], out["dm"] = float("nan"), (time.perf_counter() - began) / 60, dm
         return out
     if method == "student":
         teacher_model, teacher_dm, _ = load_checkpoint(teacher_ckpt)
-        teacher = rollout(teacher_model.eval(), teacher_dm, episodes, teacher_dm.evaluation_seed(1))
-        teacher["ms_per_chunk"] = chunk_ms(teacher_model, teacher_dm, episodes)
+        teacher = evaluate(teacher_model, teacher_dm, episodes)
         common = [*common, f"teacher={teacher_ckpt}", f"stage.cache_dir={teacher_ckpt.parents[1]}/pairs"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         module, dm, _, _, train_s = fit(compose([*common, *METHODS[method]]))
-    out = rollout(module.model.eval(), dm, episodes, dm.evaluation_seed(1))
-    out["ms_per_chunk"] = chunk_ms(module.model, dm, episodes)  # the rollout's mean holds one-time costs
+    out = evaluate(module.model, dm, episodes)
     out["train_s"], out["minutes"] = train_s, (time.perf_counter() - began) / 60
     if teacher is not None:
         out["teacher_success_rate"], out["teacher_ms_per_chunk"] = teacher["success_rate"], teacher["ms_per_chunk"]
